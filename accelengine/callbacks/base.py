@@ -1,0 +1,66 @@
+"""The callback base: one no-op method per engine hook, cadence declared at registration."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accelengine.engine import Engine
+
+# The lifecycle, in the order the engine calls it (see `Engine.fit`). `on_log` is called with each logged record.
+HOOKS: tuple[str, ...] = (
+    "before_fit",
+    "before_task",
+    "before_fit_epoch",
+    "before_fit_step",
+    "fit_step",
+    "after_fit_step",
+    "after_fit_epoch",
+    "before_eval",
+    "before_eval_step",
+    "eval_step",
+    "after_eval_step",
+    "after_eval",
+    "after_task",
+    "after_fit",
+)
+STEP_HOOKS = frozenset({"before_fit_step", "fit_step", "after_fit_step"})
+EPOCH_HOOKS = frozenset({"before_fit_epoch", "after_fit_epoch"})
+
+
+class Callback:
+    """Subclass and override the hooks you need; each receives the engine (`engine.state` holds the position).
+
+    Cadence is declared, not tested in the hook: `every_n_steps=N` calls the step hooks only on batches that end an
+    optimizer step whose number is a multiple of N; `every_n_epochs=N` calls the epoch hooks every N epochs.
+    A callback with state implements `state_dict`/`load_state_dict`; it is then checkpointed under `key`.
+    Stop training with `engine.state.request_stop("reason")`.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = None) -> None:
+        for name, v in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if v is not None and v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be at least 1, got {v}")
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+
+    @property
+    def key(self) -> str:
+        """Name under which this callback's state is checkpointed (unique per class by default)."""
+        return type(self).__name__
+
+    def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
+        """Called with each logged record: `{"step": .., "epoch": .., "split/name": value, ...}`."""
+
+
+def _noop(self: Callback, engine: Engine) -> None:
+    """Hook: does nothing unless overridden."""
+
+
+for _hook in HOOKS:
+    setattr(Callback, _hook, _noop)
+
+
+def overrides(callback: Callback, hook: str) -> bool:
+    """True when the callback's class implements `hook` itself (no-op base methods are never dispatched)."""
+    return getattr(type(callback), hook) is not getattr(Callback, hook)

@@ -1,0 +1,501 @@
+"""The engine: one step loop on Accelerate, with hooks dispatched in one place.
+
+    fit():
+        before_fit
+        [before_task]                                   (reserved for task loops: continual learning)
+        until the length (epochs or steps) is reached or a callback requests a stop:
+            before_fit_epoch
+            for each batch:
+                before_fit_step, fit_step, after_fit_step  (fit_step: forward, backward, and on the last
+                                                            micro-batch of an accumulation, clip + optimizer step)
+                every `log_every` steps: log training losses
+                steps mode, every `eval_every` steps: evaluate
+            after_fit_epoch
+            epochs mode, every `eval_every` epochs: evaluate
+        a last evaluation if the last step was not evaluated
+        [after_task]
+        after_fit
+
+    evaluate():
+        before_eval
+        for each evaluation set, for each batch: before_eval_step, eval_step, after_eval_step
+        after_eval                                      (metrics over the whole set, on `state.last_eval`)
+
+Each hook is first the engine's own method (override it in a subclass), then every callback that implements it,
+in registration order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import set_seed
+from torch import nn
+
+from accelengine.callbacks.base import EPOCH_HOOKS, HOOKS, STEP_HOOKS, Callback, overrides
+from accelengine.callbacks.console import ConsoleLogger
+from accelengine.callbacks.metrics_writer import MetricsWriter
+from accelengine.callbacks.run_files import RunFiles
+from accelengine.data import make_loader, split_batch
+from accelengine.errors import EngineError
+from accelengine.metrics import Accuracy, MeanLoss, as_metric, to_float
+from accelengine.recipe.schema import CheckpointSection, DataSection, TrainerSection
+from accelengine.state import State
+
+logger = logging.getLogger("accelengine")
+
+TrainerConfig = TrainerSection  # the Python API's name for the `[trainer]` section
+DataConfig = DataSection
+CheckpointConfig = CheckpointSection
+
+
+class Engine:
+    """Trains and evaluates a model on named data sets.
+
+    Python use, without any recipe::
+
+        engine = Engine(
+            model=MLP(64, 10),
+            data={"train": train_set, "val": val_set},     # torch or HF datasets, or DataLoaders
+            loss=torch.nn.CrossEntropyLoss(),
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+            metrics={"accuracy": Accuracy()},
+            config=TrainerConfig(epochs=5),
+        )
+        summary = engine.fit()   # {"status": "completed", "final": {"val/accuracy": ...}, ...}
+
+    Subclass and override `compute_loss(batch)` (a tensor, a list or a dict of tensors: each term is logged, their
+    sum is optimized) and `predict(batch)` for anything beyond `loss(model(x), y)`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Mapping[str, Any],
+        *,
+        loss: Callable[[Any, Any], torch.Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Any | Callable[..., Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        callbacks: Iterable[Callback] = (),
+        config: TrainerSection | None = None,
+        data_config: DataSection | None = None,
+        checkpoint_config: CheckpointSection | None = None,
+        seed: int = 0,
+        out_dir: str | Path | None = None,
+        recipe: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config or TrainerSection()
+        self.data_config = data_config or DataSection()
+        self.checkpoint_config = checkpoint_config or CheckpointSection()
+        self.seed = seed
+        self.recipe = recipe
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.state = State()
+        # The seed goes in before the Accelerator exists: its seedable sampler and every process start alike.
+        set_seed(seed)
+        self.accelerator = self._make_accelerator()
+        self.loss_fn = loss
+        self.model = model
+        self._optimizer_arg, self._scheduler_arg = optimizer, scheduler
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.loaders: dict[str, Any] = dict(data)
+        self.metrics = {name: as_metric(m) for name, m in (metrics or {}).items()}
+        if loss is not None and "loss" not in self.metrics:
+            self.metrics = {"loss": MeanLoss(loss), **self.metrics}
+        self.callbacks: list[Callback] = [RunFiles(), MetricsWriter(), ConsoleLogger(), *callbacks]
+        self._handlers: dict[str, list[Callable[[Engine], None]]] = {}
+        self._log_handlers: list[Callable[[Engine, dict[str, Any]], None]] = []
+        self._running: dict[str, torch.Tensor] = {}
+        self._running_count = 0
+        self._last_eval_step = -1
+        self._prepared = False
+        self.start_time = 0.0
+
+    # ----------------------------------------------------------------------------------------------- set-up --
+    def _make_accelerator(self) -> Accelerator:
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "cpu": cfg.device == "cpu",
+            # The recipe wins when it sets a value; unset values come from `accelerate launch` flags or config.
+            "mixed_precision": cfg.mixed_precision,
+            # We never hand the scheduler to Accelerate, so it steps exactly once per optimizer step.
+            "step_scheduler_with_optimizer": False,
+            "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.seed),
+        }
+        if cfg.grad_accum is not None:
+            # A plugin, because a plain `gradient_accumulation_steps=` loses to the launcher's environment variable.
+            kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=cfg.grad_accum)
+        try:
+            accelerator = Accelerator(**kwargs)
+        except (ValueError, RuntimeError) as err:
+            raise EngineError(f"Accelerate refused this configuration: {err}") from err
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and accelerator.num_processes == 1:
+            raise EngineError(
+                f"{world} processes were launched (WORLD_SIZE={world}) but each one believes it is rank 0 of 1. "
+                'On a machine without GPUs set `trainer.device = "cpu"` in the recipe (or --set trainer.device=cpu) '
+                "so the processes form a gloo group; with GPUs, check that every process sees a device."
+            )
+        return accelerator
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def train_loader(self) -> Any:
+        return self.loaders.get("train")
+
+    @property
+    def eval_loaders(self) -> dict[str, Any]:
+        return {k: v for k, v in self.loaders.items() if k != "train"}
+
+    def _loader_for(self, name: str, dataset: Any) -> Any:
+        dc = self.data_config
+        section = dc.loaders.get(name)
+        shuffle = section.shuffle if section and section.shuffle is not None else name == "train"
+        return make_loader(
+            dataset,
+            batch_size=(section.batch_size if section and section.batch_size else dc.batch_size),
+            shuffle=shuffle,
+            drop_last=section.drop_last if section else False,
+            num_workers=section.num_workers if section and section.num_workers is not None else dc.num_workers,
+            pin_memory=dc.pin_memory,
+        )
+
+    def setup(self) -> None:
+        """Build loaders, optimizer and scheduler and hand them to Accelerate. Called by `fit`/`evaluate`; idempotent."""
+        if self._prepared:
+            return
+        acc = self.accelerator
+        names = list(self.loaders)
+        loaders = [self._loader_for(n, self.loaders[n]) for n in names]
+        training = "train" in self.loaders
+        if training:
+            if self._optimizer_arg is None:
+                raise EngineError("a `train` data set needs an optimizer")
+            if self.config.epochs is None and self.config.steps is None:
+                raise EngineError("set the length of training: TrainerConfig(epochs=...) or TrainerConfig(steps=...)")
+            opt = self._optimizer_arg
+            if not isinstance(opt, torch.optim.Optimizer):
+                opt = opt(self.model.parameters())
+            self.model, self.optimizer, *loaders = acc.prepare(self.model, opt, *loaders)
+        else:
+            self.model, *loaders = acc.prepare(self.model, *loaders)
+        self.loaders = dict(zip(names, loaders, strict=True))
+        if training and self._scheduler_arg is not None:
+            sched = self._scheduler_arg
+            if callable(sched) and not hasattr(sched, "step"):
+                sched = _call_with_total_steps(sched, self.optimizer.optimizer, self.total_steps)
+            self.scheduler = sched
+        for m in self.metrics.values():
+            if isinstance(m, nn.Module):
+                m.to(acc.device)
+        self._bind_callbacks()
+        self._prepared = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch on this process (Accelerate syncs at the end of each epoch)."""
+        return math.ceil(len(self.train_loader) / self.accelerator.gradient_accumulation_steps)
+
+    @property
+    def total_steps(self) -> int:
+        if self.config.steps is not None:
+            return self.config.steps
+        return self.config.epochs * self.steps_per_epoch
+
+    def _bind_callbacks(self) -> None:
+        """Resolve, once, which callables run for each hook: no per-step lookups, cadence applied here."""
+        for hook in HOOKS:
+            handlers = []
+            for cb in self.callbacks:
+                if not overrides(cb, hook):
+                    continue
+                fn = getattr(cb, hook)
+                if cb.every_n_steps and hook in STEP_HOOKS:
+                    fn = _every_n_steps(fn, cb.every_n_steps)
+                elif cb.every_n_epochs and hook in EPOCH_HOOKS:
+                    fn = _every_n_epochs(fn, cb.every_n_epochs)
+                handlers.append(fn)
+            self._handlers[hook] = handlers
+        self._log_handlers = [cb.on_log for cb in self.callbacks if type(cb).on_log is not Callback.on_log]
+
+    def _run_hook(self, hook: str, *args: Any) -> None:
+        """The one place hooks are dispatched: the engine's own method, then the callbacks."""
+        getattr(self, hook)(*args)
+        for fn in self._handlers[hook]:
+            fn(self)
+
+    # ------------------------------------------------------------------------------------------------- loop --
+    def fit(self) -> dict[str, Any]:
+        """Train (or only evaluate, when there is no `train` set). Returns the run summary."""
+        self.setup()
+        self.start_time = time.time()
+        self.state.status = "running"
+        try:
+            self._run_hook("before_fit")
+            if self.train_loader is None:
+                self.evaluate()
+            else:
+                self._run_hook("before_task")
+                self._train()
+                if self.eval_loaders and self._last_eval_step != self.state.step:
+                    self.evaluate()
+                self._run_hook("after_task")
+            self.state.status = "stopped" if self.state.should_stop else "completed"
+        except BaseException as err:
+            self.state.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            self.state.stop_reason = self.state.stop_reason or f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            self._run_hook("after_fit")
+        return self.summary()
+
+    def _train(self) -> None:
+        state, cfg = self.state, self.config
+        by_steps = cfg.steps is not None
+        while not self._finished():
+            self._run_hook("before_fit_epoch")
+            for batch in self._epoch_batches():
+                state.batch = batch
+                state.batch_in_epoch += 1
+                self._run_hook("before_fit_step")
+                self._run_hook("fit_step", batch)
+                self._run_hook("after_fit_step")
+                if state.optimizer_stepped:
+                    if state.step % cfg.log_every == 0:
+                        self._log_train()
+                    if by_steps and state.step % cfg.eval_every == 0:
+                        self.evaluate()
+                    if state.should_stop or (by_steps and state.step >= cfg.steps):
+                        break
+            else:  # the epoch ran to its end
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                self._run_hook("after_fit_epoch")
+                if not by_steps and state.epoch % cfg.eval_every == 0:
+                    self.evaluate()
+                continue
+            break
+        if self._running_count:
+            self._log_train()
+
+    def _finished(self) -> bool:
+        cfg, state = self.config, self.state
+        if state.should_stop:
+            return True
+        return state.step >= cfg.steps if cfg.steps is not None else state.epoch >= cfg.epochs
+
+    def _epoch_batches(self) -> Iterable[Any]:
+        loader = self.train_loader
+        loader.set_epoch(self.state.epoch)  # the seedable sampler's permutation is a function of (seed, epoch)
+        if self.state.batch_in_epoch:  # resuming mid-epoch: skip by index, no batch is loaded
+            return self.accelerator.skip_first_batches(loader, self.state.batch_in_epoch)
+        return loader
+
+    # ------------------------------------------------------------------------------------------------- step --
+    def fit_step(self, batch: Any) -> None:
+        """Forward, backward; on the last micro-batch of an accumulation: clip, optimizer and scheduler step."""
+        acc, state = self.accelerator, self.state
+        with acc.accumulate(self.model) if acc.gradient_accumulation_steps > 1 else nullcontext():
+            losses = self.compute_loss(batch)
+            loss = _total_loss(losses)
+            acc.backward(loss)
+            state.optimizer_stepped = acc.sync_gradients
+            if state.optimizer_stepped:
+                if self.config.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                self.optimizer.step()
+                if self.scheduler is not None and not acc.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+        state.loss, state.losses = loss, losses
+        self._accumulate_losses(loss, losses)
+
+    def compute_loss(self, batch: Any) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
+        """The training objective. Default: `loss(model(inputs), target)`. Override for anything else."""
+        if self.loss_fn is None:
+            raise EngineError("no loss: give a `loss` component, or subclass Engine and override `compute_loss`")
+        inputs, target = self.split_batch(batch)
+        return self.loss_fn(self.model(inputs), target)
+
+    def predict(self, batch: Any) -> Any:
+        """What evaluation metrics compare with the target. Default: `model(inputs)`."""
+        inputs, _ = self.split_batch(batch)
+        return self.model(inputs)
+
+    def split_batch(self, batch: Any) -> tuple[Any, Any]:
+        """(inputs, target) of a batch; see `data.split_batch`."""
+        return split_batch(batch, self.data_config.input_key, self.data_config.target_key)
+
+    def _accumulate_losses(self, loss: torch.Tensor, losses: Any) -> None:
+        # Running sums stay on the device: nothing is read back until a log step.
+        terms = _named_terms(losses)
+        if len(terms) > 1 or "loss" not in terms:
+            terms = {"loss": loss, **terms}
+        for name, value in terms.items():
+            value = value.detach()
+            if name in self._running:
+                self._running[name] += value
+            else:
+                self._running[name] = value.float().clone()
+        self._running_count += 1
+
+    def _log_train(self) -> None:
+        names = list(self._running)
+        stacked = torch.stack([self._running[n] for n in names]) / self._running_count
+        values = self.accelerator.reduce(stacked, reduction="mean").tolist()  # the one sync per log step
+        self._running.clear()
+        self._running_count = 0
+        record = {f"train/{n}": v for n, v in zip(names, values, strict=True)}
+        if self.optimizer is not None:
+            record["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        self.state.last_train = record
+        self.log(record)
+
+    # ------------------------------------------------------------------------------------------------- eval --
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate every non-train data set; returns `{"<set>/<metric>": value}` (also on `state.last_eval`)."""
+        self.setup()
+        state = self.state
+        self._run_hook("before_eval")
+        was_training = self.model.training
+        self.model.eval()
+        results: dict[str, float] = {}
+        for name, loader in self.eval_loaders.items():
+            state.eval_split = name
+            for metric in self.metrics.values():
+                metric.reset()
+            for batch in loader:
+                state.batch = batch
+                self._run_hook("before_eval_step")
+                self._run_hook("eval_step", batch)
+                self._run_hook("after_eval_step")
+            for metric_name, metric in self.metrics.items():
+                value = metric.compute()
+                if isinstance(value, Mapping):
+                    results.update({f"{name}/{k}": to_float(v) for k, v in value.items()})
+                else:
+                    results[f"{name}/{metric_name}"] = to_float(value)
+        self.model.train(was_training)
+        state.eval_split = ""
+        state.last_eval = results
+        self._last_eval_step = state.step
+        if results:
+            self.log(results)
+        self._run_hook("after_eval")
+        return results
+
+    def eval_step(self, batch: Any) -> None:
+        """Predict, gather across processes (duplicates of the last uneven batch dropped), update the metrics."""
+        preds = self.predict(batch)
+        _, target = self.split_batch(batch)
+        preds, target = self.accelerator.gather_for_metrics((preds, target))
+        for metric in self.metrics.values():
+            metric.update(preds, target)
+
+    # -------------------------------------------------------------------------------------- hooks (no-ops) --
+    def before_fit(self) -> None: ...
+    def before_task(self) -> None: ...
+    def before_fit_epoch(self) -> None: ...
+    def before_fit_step(self) -> None: ...
+    def after_fit_step(self) -> None: ...
+    def after_fit_epoch(self) -> None: ...
+    def before_eval(self) -> None: ...
+    def before_eval_step(self) -> None: ...
+    def after_eval_step(self) -> None: ...
+    def after_eval(self) -> None: ...
+    def after_task(self) -> None: ...
+    def after_fit(self) -> None: ...
+
+    # ---------------------------------------------------------------------------------------------- output --
+    def log(self, values: Mapping[str, float]) -> None:
+        """Send a record (`{"split/name": value}`) to every logging callback, stamped with step and epoch."""
+        record = {"step": self.state.step, "epoch": self.state.epoch, **values}
+        for fn in self._log_handlers:
+            fn(self, record)
+
+    def summary(self) -> dict[str, Any]:
+        state = self.state
+        wall = time.time() - self.start_time if self.start_time else 0.0
+        return {
+            "status": state.status,
+            "stop_reason": state.stop_reason,
+            "steps": state.step,
+            "epochs": state.epoch,
+            "wall_time_s": round(wall, 3),
+            "steps_per_s": round(state.step / wall, 3) if wall and state.step else None,
+            "seed": self.seed,
+            "world_size": self.accelerator.num_processes,
+            "final": dict(state.last_eval),
+            "last_train": dict(state.last_train),
+        }
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def _total_loss(losses: Any) -> torch.Tensor:
+    if isinstance(losses, torch.Tensor):
+        return losses
+    terms = _named_terms(losses)
+    if not terms:
+        raise EngineError("compute_loss returned no loss terms")
+    return sum(terms.values())  # type: ignore[return-value]
+
+
+def _named_terms(losses: Any) -> dict[str, torch.Tensor]:
+    if isinstance(losses, torch.Tensor):
+        return {"loss": losses}
+    if isinstance(losses, Mapping):
+        return dict(losses)
+    if isinstance(losses, (list, tuple)):
+        return {f"loss_{i}": v for i, v in enumerate(losses)}
+    raise EngineError(f"compute_loss must return a tensor, a list or a dict of tensors, not {type(losses).__name__}")
+
+
+def _call_with_total_steps(factory: Callable[..., Any], optimizer: Any, total_steps: int) -> Any:
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "total_steps" in params:
+        return factory(optimizer, total_steps=total_steps)
+    return factory(optimizer)
+
+
+def _every_n_steps(fn: Callable[[Engine], None], n: int) -> Callable[[Engine], None]:
+    def due(engine: Engine) -> None:
+        if engine.state.optimizer_stepped and engine.state.step % n == 0:
+            fn(engine)
+
+    return due
+
+
+def _every_n_epochs(fn: Callable[[Engine], None], n: int) -> Callable[[Engine], None]:
+    def due(engine: Engine) -> None:
+        # before_fit_epoch sees the epochs done so far; after_fit_epoch the count including this one
+        if engine.state.epoch % n == 0:
+            fn(engine)
+
+    return due
+
+
+__all__ = ["Accuracy", "CheckpointConfig", "DataConfig", "Engine", "TrainerConfig"]

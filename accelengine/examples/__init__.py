@@ -1,0 +1,1 @@
+"""Data sets and components used by the shipped recipes."""

@@ -1,0 +1,252 @@
+"""Components named in a recipe: a dotted path or a short built-in name, plus keyword arguments.
+
+A component table is `{_component_ = "torch.optim.AdamW", lr = 1e-3}`; a bare string `"adamw"` is the same with no
+arguments. Arguments the engine supplies at run time (the model's parameters for an optimizer, the optimizer for a
+scheduler) are named per section and must not be written in the recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelengine.errors import Problem
+
+COMPONENT_KEY = "_component_"
+
+# Short names users may write instead of a dotted path.
+BUILTINS: dict[str, str] = {
+    # engine
+    "engine": "accelengine.engine.Engine",
+    # models
+    "mlp": "accelengine.models.MLP",
+    # losses
+    "cross_entropy": "torch.nn.CrossEntropyLoss",
+    "mse": "torch.nn.MSELoss",
+    "l1": "torch.nn.L1Loss",
+    "bce_with_logits": "torch.nn.BCEWithLogitsLoss",
+    # optimizers
+    "sgd": "torch.optim.SGD",
+    "adam": "torch.optim.Adam",
+    "adamw": "torch.optim.AdamW",
+    "rmsprop": "torch.optim.RMSprop",
+    # schedulers
+    "cosine": "accelengine.schedules.cosine",
+    "linear": "accelengine.schedules.linear",
+    "constant": "accelengine.schedules.constant",
+    "step_lr": "torch.optim.lr_scheduler.StepLR",
+    # metrics
+    "accuracy": "accelengine.metrics.Accuracy",
+    "mean_loss": "accelengine.metrics.MeanLoss",
+    # data
+    "files": "accelengine.data.from_files",
+    "digits": "accelengine.examples.digits.digits",
+    "synthetic_classification": "accelengine.examples.synthetic.classification",
+}
+
+
+@dataclass
+class ComponentSpec:
+    """A validated component: what to build (`target`) and with which recipe arguments."""
+
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    written_as_string: bool = False
+
+    def to_dict(self) -> dict[str, Any] | str:
+        if self.written_as_string and not self.kwargs:
+            return self.target
+        return {COMPONENT_KEY: self.target, **{k: _unspec(v) for k, v in self.kwargs.items()}}
+
+
+def _unspec(v: Any) -> Any:
+    if isinstance(v, ComponentSpec):
+        return v.to_dict()
+    if isinstance(v, dict):
+        return {k: _unspec(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_unspec(x) for x in v]
+    return v
+
+
+def ensure_import_paths(recipe_dir: Path | None = None) -> None:
+    """User components live in modules beside the recipe or in the working directory: make both importable."""
+    for p in (Path.cwd(), recipe_dir):
+        if p is not None and str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+
+
+def resolve(target: str) -> Any:
+    """Import the object a dotted path (or a built-in short name) names. Raises ImportError/AttributeError."""
+    dotted = BUILTINS.get(target, target)
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ImportError(f"`{target}` is neither a built-in name nor a dotted path like `package.module.Name`")
+    # walk back until a module imports, so `torch.nn.CrossEntropyLoss` and `pkg.mod.Class.method` both work
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as err:
+            if err.name and not ".".join(parts[:cut]).startswith(err.name):
+                raise  # a missing dependency *inside* the module: let the user see which one
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"no module named `{parts[0]}`")
+
+
+# Long spellings users type for short parameter names, so `lerning_rate` still finds `lr`.
+_LONG_FORMS = {"lr": "learning_rate", "wd": "weight_decay", "eps": "epsilon", "betas": "beta"}
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    """`did you mean ...?` for the closest choice, or an empty string."""
+    spelled = {_LONG_FORMS.get(c, c): c for c in choices} | {c: c for c in choices}
+    close = difflib.get_close_matches(word, list(spelled), n=1, cutoff=0.6)
+    return f"did you mean `{spelled[close[0]]}`?" if close else ""
+
+
+def check_component(
+    spec: ComponentSpec, path: str, runtime_args: tuple[str, ...], problems: list[Problem], *, call: bool = True
+) -> Any:
+    """Import the target and bind the recipe's keyword arguments against its signature, recording every problem.
+
+    `runtime_args` are supplied by the engine; they must not appear in the recipe, and count as given.
+    Returns the resolved object, or None when it cannot be imported.
+    """
+    try:
+        obj = resolve(spec.target)
+    except (ImportError, AttributeError) as err:
+        hint = _suggest(spec.target, list(BUILTINS))
+        if not hint and "." in spec.target:
+            module_name, _, attr = spec.target.rpartition(".")
+            try:
+                module = importlib.import_module(module_name)
+                hint = _suggest(attr, [n for n in dir(module) if not n.startswith("_")])
+                hint = hint.replace("`", f"`{module_name}.", 1) if hint else ""
+            except ImportError:
+                pass
+        hint = hint or "use a built-in name (see the recipe reference) or a dotted path to an importable object"
+        problems.append(Problem(f"{path}.{COMPONENT_KEY}", f"cannot import `{spec.target}`: {err}", hint))
+        return None
+    if not callable(obj):
+        problems.append(Problem(f"{path}.{COMPONENT_KEY}", f"`{spec.target}` is not callable"))
+        return None
+    if not call:
+        return obj
+    for name in runtime_args:
+        if name in spec.kwargs:
+            problems.append(
+                Problem(f"{path}.{name}", f"`{name}` is supplied by the engine at run time", "remove it from the recipe")
+            )
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return obj  # builtins without a signature: nothing to check
+    params = sig.parameters
+    takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not takes_var_kw:
+        for key in spec.kwargs:
+            if key not in params or params[key].kind is inspect.Parameter.POSITIONAL_ONLY:
+                hint = _suggest(key, [n for n in names if n not in runtime_args])
+                accepted = ", ".join(f"`{n}`" for n in names if n not in runtime_args) or "no arguments"
+                problems.append(
+                    Problem(f"{path}.{key}", f"unknown key `{path}.{key}` for `{spec.target}`", hint or f"it accepts {accepted}")
+                )
+    for name, p in params.items():
+        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if required and name not in spec.kwargs and name not in runtime_args:
+            problems.append(Problem(f"{path}.{name}", f"missing required argument `{name}` of `{spec.target}`"))
+    for key, value in spec.kwargs.items():
+        for sub_path, sub in _nested_specs(value, f"{path}.{key}"):
+            check_component(sub, sub_path, (), problems)
+    return obj
+
+
+def _nested_specs(value: Any, path: str):
+    if isinstance(value, ComponentSpec):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nested_specs(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _nested_specs(v, f"{path}[{i}]")
+
+
+def instantiate(spec: ComponentSpec, *args: Any, **runtime: Any) -> Any:
+    """Build a component: nested component tables first, then the target with recipe and runtime arguments."""
+    obj = resolve(spec.target)
+    kwargs = {k: _build(v) for k, v in spec.kwargs.items()}
+    if "total_steps" in runtime:
+        # offered to any component that declares it (LR schedules); dropped for the rest
+        total = runtime.pop("total_steps")
+        try:
+            if "total_steps" in inspect.signature(obj).parameters and "total_steps" not in kwargs:
+                kwargs["total_steps"] = total
+        except (TypeError, ValueError):
+            pass
+    return obj(*args, **kwargs, **runtime)
+
+
+def _build(value: Any) -> Any:
+    if isinstance(value, ComponentSpec):
+        return instantiate(value)
+    if isinstance(value, dict):
+        return {k: _build(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build(v) for v in value]
+    return value
+
+
+def parse_component(value: Any, path: str, problems: list[Problem]) -> ComponentSpec | None:
+    """A recipe value -> ComponentSpec (syntax only; `check_component` does imports and signatures)."""
+    if isinstance(value, str):
+        if not value:
+            problems.append(Problem(path, "empty component name"))
+            return None
+        return ComponentSpec(value, {}, written_as_string=True)
+    if not isinstance(value, dict):
+        problems.append(
+            Problem(path, f"expected a component (a table with `{COMPONENT_KEY}`, or a name), got {type_name(value)}")
+        )
+        return None
+    if COMPONENT_KEY not in value:
+        hint = _suggest(COMPONENT_KEY, list(value)) or f'add `{COMPONENT_KEY} = "package.module.Name"`'
+        problems.append(Problem(path, f"a component table needs a `{COMPONENT_KEY}` key", hint))
+        return None
+    target = value[COMPONENT_KEY]
+    if not isinstance(target, str) or not target:
+        problems.append(Problem(f"{path}.{COMPONENT_KEY}", f"expected a dotted path string, got {type_name(target)}"))
+        return None
+    kwargs = {k: _parse_nested(v, f"{path}.{k}", problems) for k, v in value.items() if k != COMPONENT_KEY}
+    return ComponentSpec(target, kwargs)
+
+
+def _parse_nested(value: Any, path: str, problems: list[Problem]) -> Any:
+    if isinstance(value, dict):
+        if COMPONENT_KEY in value:
+            return parse_component(value, path, problems)
+        return {k: _parse_nested(v, f"{path}.{k}", problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_parse_nested(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def type_name(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)

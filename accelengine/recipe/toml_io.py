@@ -1,0 +1,136 @@
+"""Reading and writing TOML recipes, and `--set key.path=value` overrides."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from accelengine.errors import Problem, RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+def parse_toml(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    """Parse TOML text; a syntax error becomes a RecipeError naming file, line and column."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        msg = str(err)
+        found = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        if found:
+            line, col = found.groups()
+            msg = msg[: found.start()].strip()
+            raise RecipeError(Problem("", f"TOML syntax error at line {line}, column {col}: {msg}"), f"{source}:{line}:{col}") from None
+        raise RecipeError(Problem("", f"TOML syntax error: {msg}"), source) from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file; missing files and bad TOML raise RecipeError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(Problem("", f"recipe file `{path}` does not exist"), str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(Problem("", f"cannot read recipe file `{path}`: {err}"), str(path)) from None
+    return parse_toml(text, str(path))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). The value is parsed as TOML; a bare word stays a string."""
+    key, sep, raw = item.partition("=")
+    keys = [k.strip() for k in key.split(".")]
+    if not sep or not all(keys):
+        raise RecipeError(Problem(key, f"bad override `{item}`", "write --set section.key=value, e.g. --set optim.lr=3e-4"))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # `--set name=mnist` means the string, as users expect
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides in order, creating tables as needed. Returns `data` (modified in place)."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            nxt = node.setdefault(key, {})
+            if not isinstance(nxt, dict):
+                where = ".".join(keys[: depth + 1])
+                raise RecipeError(Problem(where, f"cannot set `{'.'.join(keys)}`: `{where}` is a value, not a table"))
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else _string(k)
+
+
+def _string(s: str) -> str:
+    out = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    out = "".join(c if c.isprintable() or c in "\\" else f"\\u{ord(c):04x}" for c in out)
+    return f'"{out}"'
+
+
+def format_value(v: Any) -> str:
+    """One TOML value (inline form for tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _string(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_key(k)} = {format_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(data: dict[str, Any], header: str = "") -> str:
+    """Write a nested dict as TOML. Tables become `[a.b]` sections, lists of tables `[[a]]`; `None` values are
+    written as comments (TOML has no null) so the file still documents the key and reads back without it."""
+    lines: list[str] = [f"# {line}" if line else "#" for line in header.splitlines()]
+    if lines:
+        lines.append("")
+
+    def is_table_list(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def emit(table: dict[str, Any], prefix: list[str]) -> None:
+        scalars = [(k, v) for k, v in table.items() if not isinstance(v, dict) and not is_table_list(v)]
+        for k, v in scalars:
+            lines.append(f"# {_key(k)} = (unset)" if v is None else f"{_key(k)} = {format_value(v)}")
+        for k, v in table.items():
+            name = [*prefix, _key(k)]
+            if isinstance(v, dict):
+                lines.append("")
+                lines.append(f"[{'.'.join(name)}]")
+                emit(v, name)
+            elif is_table_list(v):
+                for item in v:
+                    lines.append("")
+                    lines.append(f"[[{'.'.join(name)}]]")
+                    emit(item, name)
+
+    emit(data, [])
+    return "\n".join(lines).strip("\n") + "\n"

@@ -1,0 +1,262 @@
+"""Turn a parsed TOML dict into a typed `Recipe`, collecting every problem before raising one RecipeError.
+
+Nothing here builds a model or touches data: components are imported and their signatures checked, no more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from accelengine.errors import Problem, RecipeError
+from accelengine.recipe.components import (
+    ComponentSpec,
+    check_component,
+    ensure_import_paths,
+    parse_component,
+    type_name,
+)
+from accelengine.recipe.schema import RUNTIME_ARGS, DataSection, LoaderSection, Recipe
+from accelengine.recipe.toml_io import apply_overrides, load_toml
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != len(typing.get_args(tp)):
+            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
+    return tp, False
+
+
+def describe(tp: Any) -> str:
+    tp, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if tp is ComponentSpec:
+        text = "a component"
+    elif origin is Literal:
+        text = "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
+    elif origin is list:
+        text = f"an array of {describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    elif origin is dict:
+        text = "a table"
+    elif dataclasses.is_dataclass(tp):
+        text = "a table"
+    else:
+        text = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}.get(tp, str(tp))
+    return text
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
+    """Check `value` against the type `tp`; returns the converted value (or None after recording a problem)."""
+    tp, _ = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    bad = Problem(path, f"expected {describe(tp)}, got {type_name(value)} `{value!r}`"[:200])
+    if tp is ComponentSpec:
+        spec = parse_component(value, path, problems)
+        return spec
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(bad)
+            return None
+        return build_section(tp, value, path, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is not type(choices[0]):
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            problems.append(Problem(path, bad.message, f"did you mean `{close[0]}`?" if close else ""))
+            return None
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(bad)
+            return None
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(bad)
+            return None
+        _, item_tp = typing.get_args(tp)
+        return {k: _convert(v, item_tp, f"{path}.{k}", problems) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(bad)
+            return None
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(bad)
+            return None
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            problems.append(bad)
+            return None
+        return value
+    raise TypeError(f"schema type {tp} is not supported")  # a bug in the schema, not in the recipe
+
+
+def build_section(cls: type, data: dict[str, Any], path: str, problems: list[Problem]) -> Any:
+    """Fill a section dataclass from a dict; unknown keys are reported with the closest known key."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    flatten = next((f.name for f in fields.values() if f.metadata.get("flatten")), None)
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        if key in fields and key != flatten:
+            values[key] = _convert(value, hints[key], key_path, problems)
+        elif flatten and isinstance(value, dict):
+            extra[key] = value  # e.g. a named loader inside [data]
+        else:
+            known = [n for n in fields if n != flatten]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            where = f" in `[{path}]`" if path else ""
+            hint = f"did you mean `{close[0]}`?" if close else "known keys: " + ", ".join(f"`{k}`" for k in known)
+            if flatten and not close:
+                hint += f"; a named {flatten[:-1]} is a table `[{path}.{key}]`"
+            problems.append(Problem(key_path, f"unknown key `{key_path}`{where}", hint))
+    if flatten:
+        values[flatten] = _convert(extra, hints[flatten], path, problems)
+    for name, value in list(values.items()):
+        if value is None and name in data:
+            del values[name]  # a problem was recorded; keep the default so later checks still run
+    return cls(**values)
+
+
+def _sweep_keys(data: Any, path: str = "") -> list[str]:
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            p = f"{path}.{k}" if path else k
+            if k.endswith("_") and k != "_component_" and isinstance(v, list):
+                found.append(p)
+            found += _sweep_keys(v, p)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += _sweep_keys(v, f"{path}[{i}]")
+    return found
+
+
+def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
+    t, ck = recipe.trainer, recipe.checkpoint
+    training = "train" in recipe.data.loaders
+    if training and (t.epochs is None) == (t.steps is None):
+        problems.append(
+            Problem("trainer.epochs", "set exactly one of `trainer.epochs` and `trainer.steps`", "e.g. epochs = 10")
+        )
+    for name in ("epochs", "steps", "eval_every", "log_every", "grad_accum"):
+        v = getattr(t, name)
+        if v is not None and v < 1:
+            problems.append(Problem(f"trainer.{name}", f"must be at least 1, got {v}"))
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        problems.append(Problem("trainer.max_grad_norm", f"must be positive, got {t.max_grad_norm}"))
+    for name in ("every_steps", "every_epochs", "keep_last"):
+        v = getattr(ck, name)
+        if v is not None and v < 1:
+            problems.append(Problem(f"checkpoint.{name}", f"must be at least 1, got {v}"))
+    if ck.keep_best < 0:
+        problems.append(Problem("checkpoint.keep_best", f"must be 0 or more, got {ck.keep_best}"))
+    if recipe.data.batch_size < 1:
+        problems.append(Problem("data.batch_size", f"must be at least 1, got {recipe.data.batch_size}"))
+    if recipe.data.num_workers < 0:
+        problems.append(Problem("data.num_workers", f"must be 0 or more, got {recipe.data.num_workers}"))
+    for name, loader in recipe.data.loaders.items():
+        if loader.dataset is None:
+            problems.append(Problem(f"data.{name}.dataset", "missing: every data set needs a `dataset` component"))
+        if loader.batch_size is not None and loader.batch_size < 1:
+            problems.append(Problem(f"data.{name}.batch_size", f"must be at least 1, got {loader.batch_size}"))
+    if not recipe.data.loaders:
+        problems.append(Problem("data", "no data sets", "add a `[data.train]` table (and `[data.val]` to evaluate)"))
+    if training and recipe.optim is None:
+        problems.append(Problem("optim", "training needs an optimizer", 'e.g. optim = {_component_ = "adamw", lr = 1e-3}'))
+    if recipe.model is None:
+        problems.append(Problem("model", "missing: the recipe needs a `[model]` component"))
+    import signal
+
+    for i, s in enumerate(ck.signals):
+        if s is not None and not hasattr(signal, s):
+            problems.append(Problem(f"checkpoint.signals[{i}]", f"unknown signal `{s}`", "e.g. SIGTERM or SIGUSR1"))
+
+
+def _check_components(recipe: Recipe, problems: list[Problem]) -> None:
+    targets: list[tuple[str, ComponentSpec | None, tuple[str, ...]]] = [
+        ("engine", recipe.engine, RUNTIME_ARGS["engine"]),
+        ("model", recipe.model, ()),
+        ("loss", recipe.loss, ()),
+        ("optim", recipe.optim, RUNTIME_ARGS["optim"]),
+        ("scheduler", recipe.scheduler, RUNTIME_ARGS["scheduler"]),
+    ]
+    targets += [(f"metrics.{k}", v, ()) for k, v in recipe.metrics.items()]
+    targets += [(f"callbacks[{i}]", v, ()) for i, v in enumerate(recipe.callbacks)]
+    targets += [(f"data.{k}.dataset", v.dataset, ()) for k, v in recipe.data.loaders.items()]
+    for path, spec, runtime in targets:
+        if spec is not None:
+            check_component(spec, path, runtime, problems)
+
+
+def validate(data: dict[str, Any], source: str = "", recipe_dir: Path | None = None) -> Recipe:
+    """Validate a parsed recipe dict; raises RecipeError listing every problem found."""
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        raise RecipeError(Problem("", "a recipe must be a TOML table"), source)
+    sweeps = _sweep_keys(data)
+    if sweeps:
+        keys = ", ".join(f"`{k}`" for k in sweeps)
+        problems.append(
+            Problem(sweeps[0], f"sweep axes ({keys}) are for sessions", "run it with `accelengine sweep` instead")
+        )
+        raise RecipeError(problems, source)
+    recipe = build_section(Recipe, data, "", problems)
+    _cross_checks(recipe, problems)
+    ensure_import_paths(recipe_dir)
+    _check_components(recipe, problems)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. The default `name` is the file's stem."""
+    path = Path(path)
+    data = load_toml(path)
+    data.setdefault("name", path.stem)
+    apply_overrides(data, overrides or [])
+    return validate(data, str(path), path.resolve().parent)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe (every default filled in) as plain TOML-ready data."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, ComponentSpec):
+            return value.to_dict()
+        if dataclasses.is_dataclass(value):
+            out: dict[str, Any] = {}
+            for f in dataclasses.fields(value):
+                v = convert(getattr(value, f.name))
+                if f.metadata.get("flatten"):
+                    out.update(v)
+                else:
+                    out[f.name] = v
+            return out
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(recipe)
+
+
+__all__ = ["DataSection", "LoaderSection", "Recipe", "build_section", "load_recipe", "recipe_to_dict", "validate"]

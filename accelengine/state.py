@@ -1,0 +1,45 @@
+"""The loop's position and flags: a small typed record that callbacks read and checkpoints save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class State:
+    """Where the loop is. Counters are *completed* units: `step` optimizer steps done, `epoch` epochs done."""
+
+    task: int = 0
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    # per-batch scratch, not checkpointed: the current batch, its losses and whether it ended an optimizer step
+    batch: Any = None
+    loss: Any = None
+    losses: dict[str, Any] = field(default_factory=dict)
+    optimizer_stepped: bool = False
+    eval_split: str = ""
+    # results and control
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_train: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False
+    stop_reason: str = ""
+    status: str = "created"
+
+    _SAVED = ("task", "epoch", "step", "batch_in_epoch", "last_eval", "last_train", "should_stop", "stop_reason")
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at the next step boundary (callbacks call this: early stopping, wall time...)."""
+        self.should_stop = True
+        self.stop_reason = self.stop_reason or reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - set(self._SAVED)
+        if unknown:
+            raise ValueError(f"unknown loop state keys {sorted(unknown)}")
+        for k, v in state.items():
+            setattr(self, k, dict(v) if isinstance(v, dict) else v)
