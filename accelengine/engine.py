@@ -7,7 +7,8 @@
             before_fit_epoch
             for each batch:
                 before_fit_step, fit_step, after_fit_step  (fit_step: forward, backward, and on the last
-                                                            micro-batch of an accumulation, clip + optimizer step)
+                                                            micro-batch of an accumulation: clip,
+                                                            before_optimizer_step, optimizer + scheduler step)
                 every `log_every` steps: log training losses
                 steps mode, every `eval_every` steps: evaluate
             after_fit_epoch
@@ -318,6 +319,7 @@ class Engine:
             if state.optimizer_stepped:
                 if self.config.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                self._run_hook("before_optimizer_step")
                 self.optimizer.step()
                 if self.scheduler is not None and not acc.optimizer_step_was_skipped:
                     self.scheduler.step()
@@ -414,6 +416,7 @@ class Engine:
     def before_task(self) -> None: ...
     def before_fit_epoch(self) -> None: ...
     def before_fit_step(self) -> None: ...
+    def before_optimizer_step(self) -> None: ...
     def after_fit_step(self) -> None: ...
     def after_fit_epoch(self) -> None: ...
     def before_eval(self) -> None: ...

@@ -14,6 +14,7 @@ HOOKS: tuple[str, ...] = (
     "before_fit_epoch",
     "before_fit_step",
     "fit_step",
+    "before_optimizer_step",
     "after_fit_step",
     "after_fit_epoch",
     "before_eval",
@@ -24,7 +25,7 @@ HOOKS: tuple[str, ...] = (
     "after_task",
     "after_fit",
 )
-STEP_HOOKS = frozenset({"before_fit_step", "fit_step", "after_fit_step"})
+STEP_HOOKS = frozenset({"before_fit_step", "fit_step", "before_optimizer_step", "after_fit_step"})
 EPOCH_HOOKS = frozenset({"before_fit_epoch", "after_fit_epoch"})
 
 
