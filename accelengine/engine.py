@@ -227,7 +227,7 @@ class Engine:
                     continue
                 fn = getattr(cb, hook)
                 if cb.every_n_steps and hook in STEP_HOOKS:
-                    fn = _every_n_steps(fn, cb.every_n_steps)
+                    fn = _every_n_steps(fn, cb.every_n_steps, ahead=hook == "before_optimizer_step")
                 elif cb.every_n_epochs and hook in EPOCH_HOOKS:
                     fn = _every_n_epochs(fn, cb.every_n_epochs)
                 handlers.append(fn)
@@ -484,9 +484,12 @@ def _call_with_total_steps(factory: Callable[..., Any], optimizer: Any, total_st
     return factory(optimizer)
 
 
-def _every_n_steps(fn: Callable[[Engine], None], n: int) -> Callable[[Engine], None]:
+def _every_n_steps(fn: Callable[[Engine], None], n: int, ahead: bool) -> Callable[[Engine], None]:
+    # before the optimizer step, `state.step` does not count the step being made yet
+    offset = 1 if ahead else 0
+
     def due(engine: Engine) -> None:
-        if engine.state.optimizer_stepped and engine.state.step % n == 0:
+        if engine.state.optimizer_stepped and (engine.state.step + offset) % n == 0:
             fn(engine)
 
     return due

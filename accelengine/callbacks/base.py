@@ -25,15 +25,16 @@ HOOKS: tuple[str, ...] = (
     "after_task",
     "after_fit",
 )
-STEP_HOOKS = frozenset({"before_fit_step", "fit_step", "before_optimizer_step", "after_fit_step"})
+# Hooks that know whether the current batch completes an optimizer step: `every_n_steps` gates these two.
+STEP_HOOKS = frozenset({"before_optimizer_step", "after_fit_step"})
 EPOCH_HOOKS = frozenset({"before_fit_epoch", "after_fit_epoch"})
 
 
 class Callback:
     """Subclass and override the hooks you need; each receives the engine (`engine.state` holds the position).
 
-    Cadence is declared, not tested in the hook: `every_n_steps=N` calls the step hooks only on batches that end an
-    optimizer step whose number is a multiple of N; `every_n_epochs=N` calls the epoch hooks every N epochs.
+    Cadence is declared, not tested in the hook: `every_n_steps=N` calls `before_optimizer_step` and
+    `after_fit_step` only for optimizer steps whose number (1-based) is a multiple of N; `every_n_epochs=N` calls the epoch hooks every N epochs.
     A callback with state implements `state_dict`/`load_state_dict`; it is then checkpointed under `key`.
     Stop training with `engine.state.request_stop("reason")`.
     """
