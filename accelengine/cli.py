@@ -14,7 +14,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="the recipe TOML file")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a recipe value, parsed as TOML (e.g. --set optim.lr=3e-4); repeatable",
     )
 
@@ -72,9 +76,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-
-
 if __name__ == "__main__":
     raise SystemExit(main())
-
-

@@ -48,8 +48,12 @@ def from_files(path: str, format: str | None = None, columns: list[str] | None =
     except ImportError as err:
         raise EngineError("reading files needs HuggingFace `datasets`: pip install 'accelengine[data]'") from err
     suffix = (format or Path(path).suffix.lstrip(".")).lower()
-    readers = {"csv": datasets.Dataset.from_csv, "json": datasets.Dataset.from_json, "jsonl": datasets.Dataset.from_json,
-               "parquet": datasets.Dataset.from_parquet}
+    readers = {
+        "csv": datasets.Dataset.from_csv,
+        "json": datasets.Dataset.from_json,
+        "jsonl": datasets.Dataset.from_json,
+        "parquet": datasets.Dataset.from_parquet,
+    }
     if suffix not in readers:
         raise EngineError(f"cannot read `{path}`: unknown format `{suffix}`; use csv, json, jsonl or parquet")
     if not Path(path).exists():
@@ -75,7 +79,9 @@ def make_loader(
         dataset = HFTable(dataset)
         collate = _collate_passthrough
     if not isinstance(dataset, (Dataset, IterableDataset)) and not hasattr(dataset, "__getitem__"):
-        raise EngineError(f"expected a torch Dataset, a HuggingFace Dataset or a DataLoader, got {type(dataset).__name__}")
+        raise EngineError(
+            f"expected a torch Dataset, a HuggingFace Dataset or a DataLoader, got {type(dataset).__name__}"
+        )
     if isinstance(dataset, IterableDataset):
         shuffle = False  # an iterable data set shuffles itself
     return DataLoader(

@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import GradientAccumulationPlugin
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch import nn
 
 from accelengine.callbacks.base import EPOCH_HOOKS, HOOKS, STEP_HOOKS, Callback, overrides
@@ -177,7 +176,7 @@ class Engine:
         )
 
     def setup(self) -> None:
-        """Build loaders, optimizer and scheduler and hand them to Accelerate. Called by `fit`/`evaluate`; idempotent."""
+        """Build loaders, optimizer and scheduler and hand them to Accelerate. Called by `fit`/`evaluate`; runs once."""
         if self._prepared:
             return
         acc = self.accelerator

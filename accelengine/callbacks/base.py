@@ -7,14 +7,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from accelengine.engine import Engine
 
-# The lifecycle, in the order the engine calls it (see `Engine.fit`). `on_log` is called with each logged record.
+# The lifecycle, in the order callbacks see it (see `Engine.fit`). `before_optimizer_step` runs inside the engine's
+# `fit_step` (after backward and clipping, before the optimizer steps), so callbacks see it before `fit_step`, which
+# they receive once the engine's step is done. `on_log` is called with each logged record.
 HOOKS: tuple[str, ...] = (
     "before_fit",
     "before_task",
     "before_fit_epoch",
     "before_fit_step",
-    "fit_step",
     "before_optimizer_step",
+    "fit_step",
     "after_fit_step",
     "after_fit_epoch",
     "before_eval",
@@ -34,7 +36,8 @@ class Callback:
     """Subclass and override the hooks you need; each receives the engine (`engine.state` holds the position).
 
     Cadence is declared, not tested in the hook: `every_n_steps=N` calls `before_optimizer_step` and
-    `after_fit_step` only for optimizer steps whose number (1-based) is a multiple of N; `every_n_epochs=N` calls the epoch hooks every N epochs.
+    `after_fit_step` only for optimizer steps whose number (1-based) is a multiple of N; `every_n_epochs=N` calls
+    the epoch hooks every N epochs.
     A callback with state implements `state_dict`/`load_state_dict`; it is then checkpointed under `key`.
     Stop training with `engine.state.request_stop("reason")`.
     """

@@ -21,7 +21,9 @@ def digits(
         import datasets
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise EngineError("the digits recipe needs scikit-learn and datasets: pip install 'accelengine[examples]'") from err
+        raise EngineError(
+            "the digits recipe needs scikit-learn and datasets: pip install 'accelengine[examples]'"
+        ) from err
     if split not in ("train", "val", "test", "all"):
         raise EngineError(f"unknown digits split `{split}`: choose train, val, test or all")
     bunch = load_digits()
@@ -29,7 +31,11 @@ def digits(
     y = bunch.target.astype(np.int64)
     order = np.random.default_rng(split_seed).permutation(len(y))
     n_test, n_val = int(len(y) * test_fraction), int(len(y) * val_fraction)
-    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :],
-             "all": order}
+    parts = {
+        "test": order[:n_test],
+        "val": order[n_test : n_test + n_val],
+        "train": order[n_test + n_val :],
+        "all": order,
+    }
     idx = np.sort(parts[split])
     return datasets.Dataset.from_dict({"input": x[idx], "label": y[idx]})

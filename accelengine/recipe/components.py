@@ -84,8 +84,7 @@ def ensure_import_paths(recipe_dir: Path | None = None) -> None:
 def resolve(target: str) -> Any:
     """Import the object a dotted path (or a built-in short name) names. Raises ImportError/AttributeError."""
     dotted = BUILTINS.get(target, target)
-    module_name, _, attr = dotted.rpartition(".")
-    if not module_name:
+    if "." not in dotted:
         raise ImportError(f"`{target}` is neither a built-in name nor a dotted path like `package.module.Name`")
     # walk back until a module imports, so `torch.nn.CrossEntropyLoss` and `pkg.mod.Class.method` both work
     parts = dotted.split(".")
@@ -144,7 +143,9 @@ def check_component(
     for name in runtime_args:
         if name in spec.kwargs:
             problems.append(
-                Problem(f"{path}.{name}", f"`{name}` is supplied by the engine at run time", "remove it from the recipe")
+                Problem(
+                    f"{path}.{name}", f"`{name}` is supplied by the engine at run time", "remove it from the recipe"
+                )
             )
     try:
         sig = inspect.signature(obj)
@@ -159,7 +160,11 @@ def check_component(
                 hint = _suggest(key, [n for n in names if n not in runtime_args])
                 accepted = ", ".join(f"`{n}`" for n in names if n not in runtime_args) or "no arguments"
                 problems.append(
-                    Problem(f"{path}.{key}", f"unknown key `{path}.{key}` for `{spec.target}`", hint or f"it accepts {accepted}")
+                    Problem(
+                        f"{path}.{key}",
+                        f"unknown key `{path}.{key}` for `{spec.target}`",
+                        hint or f"it accepts {accepted}",
+                    )
                 )
     for name, p in params.items():
         required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)

@@ -29,7 +29,14 @@ def _default(f: dataclasses.Field) -> str:
 
 def _section(cls: type, title: str, out: list[str]) -> None:
     hints = typing.get_type_hints(cls)
-    out += [f"## `{title}`", "", (cls.__doc__ or "").strip(), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    out += [
+        f"## `{title}`",
+        "",
+        (cls.__doc__ or "").strip(),
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     nested = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]) and hints[f.name] is not ComponentSpec:

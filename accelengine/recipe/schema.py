@@ -45,7 +45,9 @@ class TrainerSection:
     """`[trainer]`: length of training, cadences and how Accelerate runs the step."""
 
     epochs: int | None = field(default=None, metadata=doc("train for this many epochs (exactly one of epochs/steps)"))
-    steps: int | None = field(default=None, metadata=doc("train for this many optimizer steps (exactly one of epochs/steps)"))
+    steps: int | None = field(
+        default=None, metadata=doc("train for this many optimizer steps (exactly one of epochs/steps)")
+    )
     eval_every: int = field(default=1, metadata=doc("evaluate every N epochs or N steps (the unit of the length)"))
     log_every: int = field(default=10, metadata=doc("log training losses every N optimizer steps"))
     grad_accum: int | None = field(
@@ -97,7 +99,7 @@ class Recipe:
         default=None, metadata=doc("LR scheduler; the engine passes the optimizer (and `total_steps` when accepted)")
     )
     metrics: dict[str, ComponentSpec] = field(
-        default_factory=dict, metadata=doc("evaluation metrics by name, e.g. `accuracy = \"accuracy\"`")
+        default_factory=dict, metadata=doc('evaluation metrics by name, e.g. `accuracy = "accuracy"`')
     )
     callbacks: list[ComponentSpec] = field(default_factory=list, metadata=doc("`[[callbacks]]` tables"))
     data: DataSection = field(default_factory=DataSection)

@@ -23,10 +23,17 @@ def parse_toml(text: str, source: str = "<recipe>") -> dict[str, Any]:
     except tomllib.TOMLDecodeError as err:
         msg = str(err)
         found = re.search(r"\(at line (\d+), column (\d+)\)", msg)
-        if found:
-            line, col = found.groups()
-            msg = msg[: found.start()].strip()
-            raise RecipeError(Problem("", f"TOML syntax error at line {line}, column {col}: {msg}"), f"{source}:{line}:{col}") from None
+        at_end = re.search(r"\(at end of document\)", msg)
+        if found or at_end:
+            if found:
+                line, col = found.groups()
+            else:
+                lines = text.split("\n")
+                line, col = str(len(lines)), str(len(lines[-1]) + 1)
+            msg = msg[: (found or at_end).start()].strip()
+            raise RecipeError(
+                Problem("", f"TOML syntax error at line {line}, column {col}: {msg}"), f"{source}:{line}:{col}"
+            ) from None
         raise RecipeError(Problem("", f"TOML syntax error: {msg}"), source) from None
 
 
@@ -47,7 +54,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     keys = [k.strip() for k in key.split(".")]
     if not sep or not all(keys):
-        raise RecipeError(Problem(key, f"bad override `{item}`", "write --set section.key=value, e.g. --set optim.lr=3e-4"))
+        raise RecipeError(
+            Problem(key, f"bad override `{item}`", "write --set section.key=value, e.g. --set optim.lr=3e-4")
+        )
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -72,16 +81,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 # --- writing --------------------------------------------------------------------------------------------------------
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else _string(k)
+    return k if _BARE_KEY.fullmatch(k) else _string(k)
 
 
 def _string(s: str) -> str:
     out = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    out = "".join(c if c.isprintable() or c in "\\" else f"\\u{ord(c):04x}" for c in out)
+    # TOML strings may hold any Unicode except control characters, which must be escaped
+    out = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in out)
     return f'"{out}"'
 
 

@@ -28,17 +28,18 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def _unwrap_optional(tp: Any) -> Any:
+    """`X | None` -> X (a missing value is the default; TOML has no null)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) != len(typing.get_args(tp)):
-            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
-    return tp, False
+        if len(args) == 1:
+            return args[0]
+    return tp
 
 
 def describe(tp: Any) -> str:
-    tp, optional = _unwrap_optional(tp)
+    tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     if tp is ComponentSpec:
         text = "a component"
@@ -46,9 +47,7 @@ def describe(tp: Any) -> str:
         text = "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
     elif origin is list:
         text = f"an array of {describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
-    elif origin is dict:
-        text = "a table"
-    elif dataclasses.is_dataclass(tp):
+    elif origin is dict or dataclasses.is_dataclass(tp):
         text = "a table"
     else:
         text = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}.get(tp, str(tp))
@@ -57,7 +56,7 @@ def describe(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     """Check `value` against the type `tp`; returns the converted value (or None after recording a problem)."""
-    tp, _ = _unwrap_optional(tp)
+    tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     bad = Problem(path, f"expected {describe(tp)}, got {type_name(value)} `{value!r}`"[:200])
     if tp is ComponentSpec:
@@ -179,7 +178,9 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
     if not recipe.data.loaders:
         problems.append(Problem("data", "no data sets", "add a `[data.train]` table (and `[data.val]` to evaluate)"))
     if training and recipe.optim is None:
-        problems.append(Problem("optim", "training needs an optimizer", 'e.g. optim = {_component_ = "adamw", lr = 1e-3}'))
+        problems.append(
+            Problem("optim", "training needs an optimizer", 'e.g. optim = {_component_ = "adamw", lr = 1e-3}')
+        )
     if recipe.model is None:
         problems.append(Problem("model", "missing: the recipe needs a `[model]` component"))
     import signal
@@ -218,10 +219,14 @@ def validate(data: dict[str, Any], source: str = "", recipe_dir: Path | None = N
         )
         raise RecipeError(problems, source)
     recipe = build_section(Recipe, data, "", problems)
+    reported = len(problems)
     _cross_checks(recipe, problems)
     ensure_import_paths(recipe_dir)
     _check_components(recipe, problems)
     if problems:
+        # A key that was wrong already reads as "missing" to the later checks: say it once.
+        seen = {p.path for p in problems[:reported]}
+        problems = problems[:reported] + [p for p in problems[reported:] if p.path not in seen]
         raise RecipeError(problems, source)
     return recipe
 

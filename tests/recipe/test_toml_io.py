@@ -1,0 +1,50 @@
+"""TOML writing and `--set` overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accelengine.errors import RecipeError
+from accelengine.recipe import apply_overrides, dump_toml, parse_toml
+
+
+def test_overrides_parse_toml_values_and_create_tables():
+    data = apply_overrides(
+        {"optim": {"lr": 1.0}}, ["optim.lr=3e-4", "data.train.batch_size=64", "name=mnist", "x.y=[1, 2]"]
+    )
+    assert data == {"optim": {"lr": 3e-4}, "data": {"train": {"batch_size": 64}}, "name": "mnist", "x": {"y": [1, 2]}}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_bad_override(bad):
+    with pytest.raises(RecipeError, match="override"):
+        apply_overrides({}, [bad])
+
+
+def test_override_through_a_value_is_refused():
+    with pytest.raises(RecipeError, match="not a table"):
+        apply_overrides({"optim": "adamw"}, ["optim.lr=1"])
+
+
+keys = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=8)
+scalars = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=10))
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3), max_leaves=8
+)
+
+
+@given(st.dictionaries(keys, values, max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_dump_then_parse_is_identity(data):
+    assert parse_toml(dump_toml(data)) == data
+
+
+def test_special_floats_and_none():
+    text = dump_toml({"a": float("inf"), "b": None, "c": {"d": None, "e": 1}})
+    back = parse_toml(text)
+    assert math.isinf(back["a"]) and "b" not in back and back["c"] == {"e": 1}
+    assert "# b = (unset)" in text

@@ -1,0 +1,143 @@
+"""The command line and the run directory, through real processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from accelengine.recipe import load_recipe
+
+from .conftest import ROOT, run_cli
+
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+def _shipped_run_recipes():
+    return [r for r in RECIPES if "sweep" not in r.stem]
+
+
+@pytest.mark.parametrize("recipe", _shipped_run_recipes(), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe):
+    load_recipe(recipe)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_opens_with_its_command(recipe):
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# accelengine ") and recipe.name in first
+
+
+def test_validate_ok_and_print():
+    res = run_cli("validate", "recipes/digits.toml", "--print")
+    assert res.returncode == 0, res.stderr
+    assert "[trainer]" in res.stdout and "log_every = 20" in res.stdout
+
+
+def test_recipe_mistake_is_one_message_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "recipes/digits.toml").read_text().replace("lr = 2e-3", "lerning_rate = 2e-3"))
+    for command in ("run", "validate"):
+        res = (
+            run_cli(command, str(bad), "--out", str(tmp_path / "out"))
+            if command == "run"
+            else run_cli(command, str(bad))
+        )
+        assert res.returncode == 2
+        assert (
+            "Traceback" not in res.stderr and "optim.lerning_rate" in res.stderr and "did you mean `lr`?" in res.stderr
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_toml_reports_file_line_column(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\n[trainer\nepochs = 1\n")
+    res = run_cli("validate", str(bad))
+    assert res.returncode == 2 and f"{bad}:2:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_recipe_file(tmp_path):
+    res = run_cli("run", str(tmp_path / "nope.toml"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_override_errors_are_recipe_errors(tmp_path):
+    res = run_cli("validate", "recipes/digits.toml", "--set", "trainer.epochs=many")
+    assert res.returncode == 2 and "trainer.epochs" in res.stderr
+
+
+@pytest.mark.slow
+def test_digits_trains_end_to_end(tmp_path):
+    """The flagship recipe, shortened: real digits, real files in the run directory."""
+    out = tmp_path / "run"
+    res = run_cli("run", "recipes/digits.toml", "--out", str(out), "--set", "trainer.epochs=8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("recipe.toml", "env.json", "metrics.jsonl", "log.txt", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 8 and summary["seed"] == 0
+    assert summary["final"]["test/accuracy"] >= 0.95
+    env = json.loads((out / "env.json").read_text())
+    assert {"python", "torch", "accelerate", "accelengine"} <= set(env["versions"]) and env["world_size"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r and "epoch" in r for r in records)
+    assert any("train/loss" in r for r in records) and any("val/accuracy" in r for r in records)
+    assert "test/accuracy" in (out / "log.txt").read_text()
+    # the resolved recipe runs again as is, and says how
+    resolved = (out / "recipe.toml").read_text()
+    assert "epochs = 8" in resolved and resolved.startswith("# resolved recipe")
+    assert load_recipe(out / "recipe.toml").trainer.epochs == 8
+
+
+def test_default_run_directory(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    res = run_cli("run", str(recipe), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+TINY = """
+model = { _component_ = "mlp", in_features = 16, hidden = [8], out_features = 4 }
+loss = "cross_entropy"
+optim = { _component_ = "sgd", lr = 0.1 }
+[data.train]
+dataset = { _component_ = "synthetic_classification", samples = 64 }
+[trainer]
+steps = 3
+device = "cpu"
+"""
+
+
+def test_sweep_recipe_is_refused_by_run(tmp_path):
+    recipe = tmp_path / "s.toml"
+    recipe.write_text(TINY.replace("lr = 0.1", "lr_ = [0.1, 0.2]"))
+    res = run_cli("run", str(recipe))
+    assert res.returncode == 2 and "accelengine sweep" in res.stderr
+
+
+def test_failed_run_exits_1_and_records_failure(tmp_path):
+    (tmp_path / "broken.py").write_text(
+        "import torch\nclass Broken(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(16, 4)\n"
+        "    def forward(self, x):\n        raise RuntimeError('model exploded')\n"
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        TINY.replace('{ _component_ = "mlp", in_features = 16, hidden = [8], out_features = 4 }', '"broken.Broken"')
+    )
+    res = run_cli("run", str(recipe), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 1 and "model exploded" in res.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "model exploded" in summary["stop_reason"]
+
+
+def test_python_api_run(tmp_path):
+    import accelengine
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    summary = accelengine.run(recipe, ["trainer.steps=2"], out=tmp_path / "out")
+    assert summary["steps"] == 2 and Path(tmp_path / "out" / "summary.json").exists()

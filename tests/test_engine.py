@@ -1,0 +1,211 @@
+"""The step loop: hook order, losses, lengths, evaluation-only runs, the Python API."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from accelengine import HOOKS, Callback, Engine, EngineError, TrainerConfig
+
+
+class Recorder(Callback):
+    """Records every hook call (and every log record) in order."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[str] = []
+        self.records: list[dict] = []
+
+    def on_log(self, engine, record):
+        self.records.append(record)
+
+
+for _hook in HOOKS:
+    setattr(Recorder, _hook, lambda self, engine, _h=_hook: self.calls.append(_h))
+
+
+def expected_order(batches_per_epoch, epochs, eval_batches, eval_every=1, sets=1, steps=None):
+    """The documented order, written out independently of the engine."""
+    evaluation = ["before_eval"] + ["before_eval_step", "eval_step", "after_eval_step"] * eval_batches * sets
+    evaluation += ["after_eval"]
+    out = ["before_fit", "before_task"]
+    step = 0
+    for epoch in range(1, epochs + 1):
+        out.append("before_fit_epoch")
+        for _ in range(batches_per_epoch):
+            out += ["before_fit_step", "before_optimizer_step", "fit_step", "after_fit_step"]
+            step += 1
+            if steps is not None:
+                if step % eval_every == 0:
+                    out += evaluation
+                if step == steps:
+                    if step % eval_every:
+                        out += evaluation
+                    return [*out, "after_task", "after_fit"]
+        out.append("after_fit_epoch")
+        if steps is None and epoch % eval_every == 0:
+            out += evaluation
+    if steps is None and epochs % eval_every:
+        out += evaluation
+    return [*out, "after_task", "after_fit"]
+
+
+def test_hook_order_epochs(make_engine):
+    rec = Recorder()
+    make_engine(callbacks=[rec]).fit()  # 96 samples / 16 = 6 batches, val 40 / 16 = 3 batches
+    assert rec.calls == expected_order(6, 2, 3)
+
+
+def test_hook_order_steps_and_cadence(make_engine):
+    rec = Recorder()
+    engine = make_engine(callbacks=[rec], config=TrainerConfig(steps=8, eval_every=3, device="cpu"))
+    summary = engine.fit()
+    assert summary["steps"] == 8 and summary["epochs"] == 1  # 6 batches per epoch: stopped mid-epoch 2
+    assert rec.calls == expected_order(6, 2, 3, eval_every=3, steps=8)
+
+
+def test_hook_order_eval_only(make_engine, tiny_data):
+    rec = Recorder()
+    engine = make_engine(data={"val": tiny_data["val"], "test": tiny_data["val"]}, callbacks=[rec], optimizer=None)
+    summary = engine.fit()
+    evaluation = ["before_eval"] + ["before_eval_step", "eval_step", "after_eval_step"] * 6 + ["after_eval"]
+    assert rec.calls == ["before_fit", *evaluation, "after_fit"]
+    assert summary["steps"] == 0 and set(summary["final"]) == {"val/loss", "val/accuracy", "test/loss", "test/accuracy"}
+
+
+def test_subclass_hooks_run_before_callbacks(make_engine):
+    order = []
+
+    class Mine(Engine):
+        def before_fit_epoch(self):
+            order.append("engine")
+
+    class Cb(Callback):
+        def before_fit_epoch(self, engine):
+            order.append("callback")
+
+    make_engine(Mine, callbacks=[Cb()]).fit()
+    assert order == ["engine", "callback"] * 2
+
+
+@pytest.mark.parametrize("kind", ["dict", "list"])
+def test_multi_term_loss_logged_and_summed(make_engine, kind):
+    seen = []
+
+    class TwoTerms(Engine):
+        def compute_loss(self, batch):
+            x, y = batch
+            logits = self.model(x)
+            ce = torch.nn.functional.cross_entropy(logits, y)
+            reg = 0.01 * logits.pow(2).mean()
+            seen.append((ce.detach() + reg.detach()).item())
+            return {"ce": ce, "reg": reg} if kind == "dict" else [ce, reg]
+
+    rec = Recorder()
+    engine = make_engine(TwoTerms, callbacks=[rec], config=TrainerConfig(steps=4, log_every=2, device="cpu"))
+    engine.fit()
+    names = ("ce", "reg") if kind == "dict" else ("loss_0", "loss_1")
+    train = [r for r in rec.records if "train/loss" in r]
+    assert len(train) == 2 and all(f"train/{n}" in r for r in train for n in names)
+    first = train[0]
+    assert first["train/loss"] == pytest.approx(sum(seen[:2]) / 2, rel=1e-5)
+    assert first["train/loss"] == pytest.approx(first[f"train/{names[0]}"] + first[f"train/{names[1]}"], rel=1e-5)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(make_engine):
+    engine = make_engine(config=TrainerConfig(epochs=2, grad_accum=4, device="cpu"))
+    summary = engine.fit()
+    assert engine.accelerator.gradient_accumulation_steps == 4
+    assert summary["steps"] == 2 * math.ceil(6 / 4)  # the last partial accumulation of an epoch still steps
+
+
+def test_scheduler_steps_once_per_optimizer_step(make_engine):
+    from accelengine.schedules import linear
+
+    engine = make_engine(
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        scheduler=lambda opt, total_steps: linear(opt, total_steps=total_steps),
+        config=TrainerConfig(epochs=1, grad_accum=2, device="cpu"),
+    )
+    engine.fit()
+    assert engine.total_steps == 3
+    assert engine.scheduler.last_epoch == 3
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_training_learns_and_reports_final_metrics(make_engine):
+    summary = make_engine(config=TrainerConfig(epochs=6, device="cpu")).fit()
+    assert summary["status"] == "completed"
+    assert summary["final"]["val/accuracy"] >= 0.9
+
+
+def test_loss_values_are_read_only_at_log_steps(make_engine):
+    rec = Recorder()
+    make_engine(callbacks=[rec], config=TrainerConfig(steps=9, log_every=3, device="cpu")).fit()
+    assert [r["step"] for r in rec.records if "train/loss" in r] == [3, 6, 9]
+
+
+def test_request_stop_ends_training(make_engine):
+    class StopAt(Callback):
+        def after_fit_step(self, engine):
+            if engine.state.step == 5:
+                engine.state.request_stop("enough")
+
+    summary = make_engine(callbacks=[StopAt()], config=TrainerConfig(epochs=5, device="cpu")).fit()
+    assert summary["status"] == "stopped" and summary["steps"] == 5 and summary["stop_reason"] == "enough"
+
+
+def test_every_n_steps_cadence(make_engine):
+    seen = []
+
+    class Every3(Callback):
+        def after_fit_step(self, engine):
+            seen.append(engine.state.step)
+
+    make_engine(callbacks=[Every3(every_n_steps=3)], config=TrainerConfig(steps=10, device="cpu")).fit()
+    assert seen == [3, 6, 9]
+
+
+def test_failed_run_reports_failed(make_engine):
+    class Broken(Engine):
+        def compute_loss(self, batch):
+            raise ValueError("boom")
+
+    engine = make_engine(Broken)
+    with pytest.raises(ValueError, match="boom"):
+        engine.fit()
+    assert engine.state.status == "failed" and "boom" in engine.state.stop_reason
+
+
+def test_missing_length_and_optimizer_are_clear_errors(make_engine):
+    with pytest.raises(EngineError, match="optimizer"):
+        make_engine(optimizer=None).fit()
+    with pytest.raises(EngineError, match="epochs"):
+        make_engine(config=TrainerConfig(device="cpu")).fit()
+
+
+def test_dict_batches_use_configured_keys(make_engine, tiny_data):
+    from torch.utils.data import Dataset
+
+    class Dicts(Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            x, y = self.base[i]
+            return {"input": x, "label": y}
+
+    data = {k: Dicts(v) for k, v in tiny_data.items()}
+    summary = make_engine(data=data).fit()
+    assert summary["status"] == "completed" and "val/accuracy" in summary["final"]
+
+
+def test_seeded_runs_are_identical(make_engine):
+    a = make_engine().fit()
+    b = make_engine().fit()
+    assert a["final"] == b["final"] and a["last_train"] == b["last_train"]
