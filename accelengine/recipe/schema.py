@@ -83,6 +83,44 @@ class CheckpointSection:
 
 
 @dataclass
+class LogSection:
+    """`[log]`: what the run reports while it trains and what it records (see `docs/callbacks.md`)."""
+
+    trackers: list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "experiment trackers, through Accelerate's integrations: `tensorboard`, `wandb`, `mlflow`, `aim`, "
+            "`comet_ml`, `clearml`, `dvclive`, `swanlab`, `trackio`; unset: `tensorboard` when it is installed; "
+            "`[]`: none"
+        ),
+    )
+    project: str | None = field(default=None, metadata=doc("tracker project name; default the recipe's `name`"))
+    tracker_kwargs: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata=doc('arguments for each tracker\'s run, e.g. `wandb = {entity = "me", tags = ["ablation"]}`'),
+    )
+    progress: bool = field(
+        default=True, metadata=doc("progress bar on a terminal; plain periodic lines when stdout is a file")
+    )
+    progress_every_s: float = field(
+        default=30.0, metadata=doc("seconds between plain progress lines when stdout is not a terminal")
+    )
+    console: bool = field(default=True, metadata=doc("a console line (and `log.txt` line) per logged record"))
+    param_table: bool = field(default=True, metadata=doc("print the parameter counts per top-level module at start"))
+    summary: bool = field(default=True, metadata=doc("print the end-of-run summary (`summary.json` is always written)"))
+    nan_guard: Literal["stop", "skip", "off"] = field(
+        default="stop", metadata=doc("on a non-finite loss: `stop` the run (failed), `skip` the update, or `off`")
+    )
+    copy_code: list[str] = field(
+        default_factory=list,
+        metadata=doc(
+            "globs of source files to snapshot into `RUN_DIR/code/`, relative to the recipe's directory, "
+            'e.g. `["*.py"]`'
+        ),
+    )
+
+
+@dataclass
 class Recipe:
     """The whole recipe (top-level keys and sections)."""
 
@@ -105,6 +143,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
 
 
 # Arguments the engine supplies for each component field; they may not be written in the recipe.
@@ -122,6 +161,7 @@ RUNTIME_ARGS: dict[str, tuple[str, ...]] = {
         "config",
         "data_config",
         "checkpoint_config",
+        "log_config",
         "seed",
         "out_dir",
         "recipe",

@@ -41,7 +41,9 @@ def _unwrap_optional(tp: Any) -> Any:
 def describe(tp: Any) -> str:
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
-    if tp is ComponentSpec:
+    if tp is Any:
+        text = "any value"
+    elif tp is ComponentSpec:
         text = "a component"
     elif origin is Literal:
         text = "one of " + ", ".join(f"`{a}`" for a in typing.get_args(tp))
@@ -59,6 +61,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     bad = Problem(path, f"expected {describe(tp)}, got {type_name(value)} `{value!r}`"[:200])
+    if tp is Any:  # free-form values handed on as they are (e.g. a tracker's own arguments)
+        return value
     if tp is ComponentSpec:
         spec = parse_component(value, path, problems)
         return spec
@@ -188,6 +192,9 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
     for i, s in enumerate(ck.signals):
         if s is not None and not hasattr(signal, s):
             problems.append(Problem(f"checkpoint.signals[{i}]", f"unknown signal `{s}`", "e.g. SIGTERM or SIGUSR1"))
+    from accelengine.callbacks.trackers import log_section_problems
+
+    problems += log_section_problems(recipe.log)
 
 
 def _check_components(recipe: Recipe, problems: list[Problem]) -> None:
