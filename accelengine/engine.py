@@ -6,13 +6,14 @@
         until the length (epochs or steps) is reached or a callback requests a stop:
             before_fit_epoch
             for each batch:
-                before_fit_step, fit_step, after_fit_step  (fit_step: forward, backward, and on the last
-                                                            micro-batch of an accumulation: clip,
-                                                            before_optimizer_step, optimizer + scheduler step)
+                before_fit_step
+                fit_step                    forward, backward; on the last micro-batch of an accumulation: clip,
+                                            before_optimizer_step, optimizer and scheduler step
                 every `log_every` steps: log training losses
                 steps mode, every `eval_every` steps: evaluate
-            after_fit_epoch
+                after_fit_step              the step is complete, its logs and evaluation included
             epochs mode, every `eval_every` epochs: evaluate
+            after_fit_epoch
         a last evaluation if the last step was not evaluated
         [after_task]
         after_fit
@@ -274,20 +275,20 @@ class Engine:
                 state.batch_in_epoch += 1
                 self._run_hook("before_fit_step")
                 self._run_hook("fit_step", batch)
-                self._run_hook("after_fit_step")
                 if state.optimizer_stepped:
                     if state.step % cfg.log_every == 0:
                         self._log_train()
                     if by_steps and state.step % cfg.eval_every == 0:
                         self.evaluate()
-                    if state.should_stop or (by_steps and state.step >= cfg.steps):
-                        break
+                self._run_hook("after_fit_step")  # the step is complete: a checkpoint here holds all of it
+                if state.optimizer_stepped and (state.should_stop or (by_steps and state.step >= cfg.steps)):
+                    break
             else:  # the epoch ran to its end
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                self._run_hook("after_fit_epoch")
                 if not by_steps and state.epoch % cfg.eval_every == 0:
                     self.evaluate()
+                self._run_hook("after_fit_epoch")
                 continue
             break
         if self._running_count:

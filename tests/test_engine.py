@@ -35,18 +35,18 @@ def expected_order(batches_per_epoch, epochs, eval_batches, eval_every=1, sets=1
     for epoch in range(1, epochs + 1):
         out.append("before_fit_epoch")
         for _ in range(batches_per_epoch):
-            out += ["before_fit_step", "before_optimizer_step", "fit_step", "after_fit_step"]
+            out += ["before_fit_step", "before_optimizer_step", "fit_step"]
             step += 1
-            if steps is not None:
-                if step % eval_every == 0:
+            if steps is not None and step % eval_every == 0:
+                out += evaluation
+            out.append("after_fit_step")
+            if steps is not None and step == steps:
+                if step % eval_every:
                     out += evaluation
-                if step == steps:
-                    if step % eval_every:
-                        out += evaluation
-                    return [*out, "after_task", "after_fit"]
-        out.append("after_fit_epoch")
+                return [*out, "after_task", "after_fit"]
         if steps is None and epoch % eval_every == 0:
             out += evaluation
+        out.append("after_fit_epoch")
     if steps is None and epochs % eval_every:
         out += evaluation
     return [*out, "after_task", "after_fit"]
