@@ -11,7 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from accelengine.callbacks.base import HOOKS, Callback
-from accelengine.engine import CheckpointConfig, DataConfig, Engine, TrainerConfig
+from accelengine.engine import CheckpointConfig, DataConfig, Engine, LogConfig, TrainerConfig
 from accelengine.errors import EngineError, RecipeError
 from accelengine.metrics import Accuracy, MeanLoss
 from accelengine.models import MLP
@@ -27,6 +27,7 @@ __all__ = [
     "DataConfig",
     "Engine",
     "EngineError",
+    "LogConfig",
     "MeanLoss",
     "RecipeError",
     "State",

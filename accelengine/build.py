@@ -14,7 +14,7 @@ from accelengine.recipe.schema import Recipe
 from accelengine.recipe.validate import recipe_to_dict
 
 
-def build_engine(recipe: Recipe, out_dir: str | Path | None = None) -> Engine:
+def build_engine(recipe: Recipe, out_dir: str | Path | None = None, resume_from: str | Path | None = None) -> Engine:
     """Instantiate every component of the recipe and the engine class it names."""
     set_seed(recipe.seed)  # before the model is built: its initial weights depend on it
     model = instantiate(recipe.model)
@@ -39,9 +39,11 @@ def build_engine(recipe: Recipe, out_dir: str | Path | None = None) -> Engine:
         config=recipe.trainer,
         data_config=recipe.data,
         checkpoint_config=recipe.checkpoint,
+        log_config=recipe.log,
         seed=recipe.seed,
         out_dir=out_dir,
         recipe=recipe_to_dict(recipe),
+        resume_from=resume_from,
     )
     if not isinstance(engine, Engine):
         raise EngineError(f"`engine` must name accelengine.Engine or a subclass, got {type(engine).__name__}")

@@ -1,7 +1,8 @@
 """Data sets and loaders: torch `Dataset`s, HuggingFace `datasets` tables, or any component returning one.
 
-HuggingFace tables are read a whole batch at a time (`table[indices]`, one Arrow slice) rather than row by row,
-which is what makes them as fast as an in-memory `TensorDataset`.
+Tables are read a whole batch at a time rather than row by row: a HuggingFace table with one Arrow slice
+(`table[indices]`), a `TensorDataset` with one indexing per tensor. The loader hands the batch over as it is, with
+no per-sample collation; this is most of the loader's cost on small models.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
 from accelengine.errors import EngineError
 
@@ -20,21 +21,73 @@ def is_hf_dataset(obj: Any) -> bool:
     return type(obj).__module__.startswith("datasets.") and hasattr(obj, "with_format") and hasattr(obj, "features")
 
 
+# HF tables up to this size whose columns are all numeric are read into tensors once: a random batch is then one
+# indexing per column instead of an Arrow `take` (about 13x faster for small rows). Larger tables stay on disk.
+MATERIALIZE_BYTES = 1 << 30
+
+
 class HFTable(Dataset):
-    """A HuggingFace `datasets.Dataset` served as torch tensors, a batch per Arrow read."""
+    """A HuggingFace `datasets.Dataset` served as torch tensors, a batch per read (see `MATERIALIZE_BYTES`)."""
 
     def __init__(self, table: Any, columns: list[str] | None = None) -> None:
         self.table = table.with_format("torch", columns=columns)
+        self.columns: dict[str, torch.Tensor] | None = None
+        if table.data.nbytes <= MATERIALIZE_BYTES:
+            whole = self.table[:]
+            if all(isinstance(v, torch.Tensor) for v in whole.values()):
+                self.columns = whole
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.columns is not None:
+            return {k: v[index] for k, v in self.columns.items()}
         return self.table[index]
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         # torch's fetcher calls this with the whole batch of indices; the result is already collated
+        if self.columns is not None:
+            index = torch.as_tensor(indices)
+            return {k: v[index] for k, v in self.columns.items()}
         return self.table[indices]
+
+
+class TensorTable(Dataset):
+    """A `TensorDataset` read a batch at a time: `[t[indices] for t in tensors]`, the same values and order as
+    per-sample reads followed by the default collation."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.tensors = dataset.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return [t[index] for t in self.tensors]
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffling sampler whose order is a function of (seed, epoch) alone, so every process draws the same
+    permutation (Accelerate then shards it), a resumed epoch replays it exactly, and it touches no global random
+    state. Indices come from one `randperm(...).tolist()` per epoch: no Python generator runs per sample."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 def _collate_passthrough(batch: Any) -> Any:
@@ -70,24 +123,32 @@ def make_loader(
     drop_last: bool = False,
     num_workers: int = 0,
     pin_memory: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
-    """A DataLoader for a torch Dataset or HF table (a DataLoader is returned unchanged)."""
+    """A DataLoader for a torch Dataset or HF table (a DataLoader is returned unchanged). Shuffling uses
+    `EpochShuffle(seed)`; the engine sets its epoch through the prepared loader's `set_epoch`."""
     if isinstance(dataset, DataLoader):
         return dataset
     collate = None
     if is_hf_dataset(dataset):
         dataset = HFTable(dataset)
         collate = _collate_passthrough
+    elif type(dataset) is TensorDataset:  # exactly: a subclass may override __getitem__
+        dataset = TensorTable(dataset)
+        collate = _collate_passthrough
     if not isinstance(dataset, (Dataset, IterableDataset)) and not hasattr(dataset, "__getitem__"):
         raise EngineError(
             f"expected a torch Dataset, a HuggingFace Dataset or a DataLoader, got {type(dataset).__name__}"
         )
+    sampler = None
     if isinstance(dataset, IterableDataset):
         shuffle = False  # an iterable data set shuffles itself
+    elif shuffle:
+        sampler = EpochShuffle(len(dataset), seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -24,7 +24,9 @@
         after_eval                                      (metrics over the whole set, on `state.last_eval`)
 
 Each hook is first the engine's own method (override it in a subclass), then every callback that implements it,
-in registration order.
+in registration order: the built-in set (see `callbacks/defaults.py`, configured by `[log]` / `LogConfig`), then the
+recipe's `[[callbacks]]` or the `callbacks=` given in Python, then the checkpointer, then `RunSummary`, which writes
+`summary.json` last.
 """
 
 from __future__ import annotations
@@ -44,20 +46,23 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch import nn
 
 from accelengine.callbacks.base import EPOCH_HOOKS, HOOKS, STEP_HOOKS, Callback, overrides
-from accelengine.callbacks.console import ConsoleLogger
-from accelengine.callbacks.metrics_writer import MetricsWriter
-from accelengine.callbacks.run_files import RunFiles
+from accelengine.callbacks.checkpointer import Checkpointer
+from accelengine.callbacks.defaults import default_callbacks
+from accelengine.callbacks.trackers import accelerator_kwargs
 from accelengine.data import make_loader, split_batch
 from accelengine.errors import EngineError
 from accelengine.metrics import Accuracy, MeanLoss, as_metric, to_float
-from accelengine.recipe.schema import CheckpointSection, DataSection, TrainerSection
+from accelengine.preemption import Preempted, PreemptionHandler
+from accelengine.recipe.schema import CheckpointSection, DataSection, LogSection, TrainerSection
 from accelengine.state import State
+from accelengine.stepping import OptimizerDriver
 
 logger = logging.getLogger("accelengine")
 
 TrainerConfig = TrainerSection  # the Python API's name for the `[trainer]` section
 DataConfig = DataSection
 CheckpointConfig = CheckpointSection
+LogConfig = LogSection
 
 
 class Engine:
@@ -92,19 +97,24 @@ class Engine:
         config: TrainerSection | None = None,
         data_config: DataSection | None = None,
         checkpoint_config: CheckpointSection | None = None,
+        log_config: LogSection | None = None,
         seed: int = 0,
         out_dir: str | Path | None = None,
         recipe: dict[str, Any] | None = None,
+        resume_from: str | Path | None = None,
     ) -> None:
         self.config = config or TrainerSection()
         self.data_config = data_config or DataSection()
         self.checkpoint_config = checkpoint_config or CheckpointSection()
+        self.log_config = log_config or LogSection()
         self.seed = seed
         self.recipe = recipe
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.state = State()
         # The seed goes in before the Accelerator exists: its seedable sampler and every process start alike.
-        set_seed(seed)
+        if self.config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        set_seed(seed, deterministic=self.config.deterministic)
         self.accelerator = self._make_accelerator()
         self.loss_fn = loss
         self.model = model
@@ -115,12 +125,25 @@ class Engine:
         self.metrics = {name: as_metric(m) for name, m in (metrics or {}).items()}
         if loss is not None and "loss" not in self.metrics:
             self.metrics = {"loss": MeanLoss(loss), **self.metrics}
-        self.callbacks: list[Callback] = [RunFiles(), MetricsWriter(), ConsoleLogger(), *callbacks]
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        # Built-ins first, user callbacks next; the checkpointer last, so a checkpoint holds what the others did.
+        first, callbacks, last = default_callbacks(self.log_config, callbacks)  # a given built-in takes its place
+        self.callbacks: list[Callback] = [
+            *first,
+            PreemptionHandler(self.checkpoint_config.signals),
+            *callbacks,
+        ]
+        if self.out_dir is not None:
+            self.callbacks.append(Checkpointer(self.checkpoint_config))
+        self.callbacks += last  # RunSummary: summary.json holds what every callback added, the checkpointer's too
+        self.summary_extras: dict[str, Any] = {}  # callbacks add to the summary here (params, best metric, ...)
+        self.code_root: Path | None = None  # where `log.copy_code` globs start; recipe runs: the recipe's folder
+        self._log_next: dict[str, Any] = {}
         self._handlers: dict[str, list[Callable[[Engine], None]]] = {}
         self._log_handlers: list[Callable[[Engine, dict[str, Any]], None]] = []
         self._running: dict[str, torch.Tensor] = {}
         self._running_count = 0
-        self._last_eval_step = -1
+        self.epoch_start_rng: dict[str, Any] | None = None
         self._prepared = False
         self.start_time = 0.0
 
@@ -138,6 +161,7 @@ class Engine:
         if cfg.grad_accum is not None:
             # A plugin, because a plain `gradient_accumulation_steps=` loses to the launcher's environment variable.
             kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=cfg.grad_accum)
+        kwargs.update(accelerator_kwargs(self.log_config, self.out_dir))  # trackers: `log_with`, their folder
         try:
             accelerator = Accelerator(**kwargs)
         except (ValueError, RuntimeError) as err:
@@ -174,6 +198,7 @@ class Engine:
             drop_last=section.drop_last if section else False,
             num_workers=section.num_workers if section and section.num_workers is not None else dc.num_workers,
             pin_memory=dc.pin_memory,
+            seed=self.seed,
         )
 
     def setup(self) -> None:
@@ -184,6 +209,10 @@ class Engine:
         names = list(self.loaders)
         loaders = [self._loader_for(n, self.loaders[n]) for n in names]
         training = "train" in self.loaders
+        if self.checkpoint_config.init_from and self.resume_from is None:
+            from accelengine.restart import load_weights
+
+            load_weights(self, self.checkpoint_config.init_from)  # before prepare: every rank starts alike
         if training:
             if self._optimizer_arg is None:
                 raise EngineError("a `train` data set needs an optimizer")
@@ -192,9 +221,12 @@ class Engine:
             opt = self._optimizer_arg
             if not isinstance(opt, torch.optim.Optimizer):
                 opt = opt(self.model.parameters())
-            self.model, self.optimizer, *loaders = acc.prepare(self.model, opt, *loaders)
+            self.model, self.optimizer = acc.prepare(self.model, opt)
         else:
-            self.model, *loaders = acc.prepare(self.model, *loaders)
+            self.model = acc.prepare(self.model)
+        # On the CPU the batches are already where they go: skip the per-batch walk that would move them.
+        on_cpu = acc.device.type == "cpu"
+        loaders = [acc.prepare_data_loader(dl, device_placement=not on_cpu) for dl in loaders]
         self.loaders = dict(zip(names, loaders, strict=True))
         if training and self._scheduler_arg is not None:
             sched = self._scheduler_arg
@@ -204,8 +236,14 @@ class Engine:
         for m in self.metrics.values():
             if isinstance(m, nn.Module):
                 m.to(acc.device)
+        if self.optimizer is not None:
+            self.driver = OptimizerDriver(acc, self.optimizer)
         self._bind_callbacks()
         self._prepared = True
+        if self.resume_from is not None:
+            from accelengine.restart import restore
+
+            restore(self, self.resume_from)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -253,10 +291,14 @@ class Engine:
             else:
                 self._run_hook("before_task")
                 self._train()
-                if self.eval_loaders and self._last_eval_step != self.state.step:
+                if self.eval_loaders and self.state.last_eval_step != self.state.step and not self.state.preempted:
                     self.evaluate()
                 self._run_hook("after_task")
-            self.state.status = "stopped" if self.state.should_stop else "completed"
+            self.state.status = "failed" if self.state.failed else "stopped" if self.state.should_stop else "completed"
+            if self.state.preempted:
+                self.state.status = "preempted"
+        except Preempted:
+            self.state.status = "preempted"
         except BaseException as err:
             self.state.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             self.state.stop_reason = self.state.stop_reason or f"{type(err).__name__}: {err}"
@@ -268,6 +310,11 @@ class Engine:
     def _train(self) -> None:
         state, cfg = self.state, self.config
         by_steps = cfg.steps is not None
+        evaluating = bool(self.eval_loaders)
+        if state.pending_eval:  # resumed from a preemption during an evaluation: redo it, then end that step/epoch
+            self.evaluate()
+            self._run_hook("after_fit_step" if state.pending_eval == "step" else "after_fit_epoch")
+            state.pending_eval = ""
         while not self._finished():
             self._run_hook("before_fit_epoch")
             for batch in self._epoch_batches():
@@ -278,21 +325,26 @@ class Engine:
                 if state.optimizer_stepped:
                     if state.step % cfg.log_every == 0:
                         self._log_train()
-                    if by_steps and state.step % cfg.eval_every == 0:
-                        self.evaluate()
+                    if by_steps and evaluating and state.step % cfg.eval_every == 0:
+                        self._evaluate_within("step")
                 self._run_hook("after_fit_step")  # the step is complete: a checkpoint here holds all of it
                 if state.optimizer_stepped and (state.should_stop or (by_steps and state.step >= cfg.steps)):
                     break
             else:  # the epoch ran to its end
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                if not by_steps and state.epoch % cfg.eval_every == 0:
-                    self.evaluate()
+                if not by_steps and evaluating and state.epoch % cfg.eval_every == 0:
+                    self._evaluate_within("epoch")
                 self._run_hook("after_fit_epoch")
                 continue
             break
         if self._running_count:
             self._log_train()
+
+    def _evaluate_within(self, unit: str) -> None:
+        self.state.pending_eval = unit
+        self.evaluate()
+        self.state.pending_eval = ""
 
     def _finished(self) -> bool:
         cfg, state = self.config, self.state
@@ -301,31 +353,38 @@ class Engine:
         return state.step >= cfg.steps if cfg.steps is not None else state.epoch >= cfg.epochs
 
     def _epoch_batches(self) -> Iterable[Any]:
+        from accelengine.restart import iterate_from_rng, rng_state
+
         loader = self.train_loader
         loader.set_epoch(self.state.epoch)  # the seedable sampler's permutation is a function of (seed, epoch)
-        if self.state.batch_in_epoch:  # resuming mid-epoch: skip by index, no batch is loaded
-            return self.accelerator.skip_first_batches(loader, self.state.batch_in_epoch)
-        return loader
+        if not self.state.batch_in_epoch:
+            # The iterator draws its seeds from the global RNG when it starts: remember that state (once per epoch)
+            # so that a resume in the middle of this epoch can start its iterator exactly alike.
+            self.epoch_start_rng = rng_state()
+            return loader
+        # resuming mid-epoch: skip by index, no batch is loaded
+        skipped = self.accelerator.skip_first_batches(loader, self.state.batch_in_epoch)
+        return iterate_from_rng(skipped, self.epoch_start_rng)
 
     # ------------------------------------------------------------------------------------------------- step --
     def fit_step(self, batch: Any) -> None:
         """Forward, backward; on the last micro-batch of an accumulation: clip, optimizer and scheduler step."""
-        acc, state = self.accelerator, self.state
-        with acc.accumulate(self.model) if acc.gradient_accumulation_steps > 1 else nullcontext():
+        acc, state, driver = self.accelerator, self.state, self.driver
+        with acc.accumulate(self.model) if driver.accumulating else nullcontext():
             losses = self.compute_loss(batch)
             loss = _total_loss(losses)
-            acc.backward(loss)
-            state.optimizer_stepped = acc.sync_gradients
+            state.loss, state.losses = loss, losses  # before the hooks below: a NaN guard checks it there
+            driver.backward(loss)
+            state.optimizer_stepped = acc.sync_gradients if driver.accumulating else True
             if state.optimizer_stepped:
                 if self.config.max_grad_norm is not None:
                     acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
                 self._run_hook("before_optimizer_step")
-                self.optimizer.step()
-                if self.scheduler is not None and not acc.optimizer_step_was_skipped:
+                driver.step()
+                if self.scheduler is not None and not driver.step_was_skipped():
                     self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                driver.zero_grad()
                 state.step += 1
-        state.loss, state.losses = loss, losses
         self._accumulate_losses(loss, losses)
 
     def compute_loss(self, batch: Any) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
@@ -346,6 +405,10 @@ class Engine:
 
     def _accumulate_losses(self, loss: torch.Tensor, losses: Any) -> None:
         # Running sums stay on the device: nothing is read back until a log step.
+        self._running_count += 1
+        if losses is loss and "loss" in self._running:  # the common case, kept to one in-place add
+            self._running["loss"] += loss.detach()
+            return
         terms = _named_terms(losses)
         if len(terms) > 1 or "loss" not in terms:
             terms = {"loss": loss, **terms}
@@ -355,17 +418,22 @@ class Engine:
                 self._running[name] += value
             else:
                 self._running[name] = value.float().clone()
-        self._running_count += 1
 
     def _log_train(self) -> None:
-        names = list(self._running)
-        stacked = torch.stack([self._running[n] for n in names]) / self._running_count
-        values = self.accelerator.reduce(stacked, reduction="mean").tolist()  # the one sync per log step
+        keys = [f"train/{n}" for n in self._running]
+        parts = [torch.stack(list(self._running.values())) / self._running_count]
+        extra, self._log_next = self._log_next, {}
+        tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
+        if tensors:  # monitors' device values (a gradient norm) come back in the same read as the losses
+            keys += list(tensors)
+            parts.append(torch.stack([t.detach().float().reshape(()).to(parts[0].device) for t in tensors.values()]))
+        values = self.accelerator.reduce(torch.cat(parts), reduction="mean").tolist()  # the one sync per log step
         self._running.clear()
         self._running_count = 0
-        record = {f"train/{n}": v for n, v in zip(names, values, strict=True)}
+        record = dict(zip(keys, values, strict=True))
         if self.optimizer is not None:
             record["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        record.update({k: v for k, v in extra.items() if k not in tensors})
         self.state.last_train = record
         self.log(record)
 
@@ -374,30 +442,40 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         """Evaluate every non-train data set; returns `{"<set>/<metric>": value}` (also on `state.last_eval`)."""
         self.setup()
+        from accelengine.restart import rng_state, set_rng_state
+
         state = self.state
-        self._run_hook("before_eval")
+        # a preemption may cut this evaluation short: the checkpoint must then hold the random state from before it
+        rng_before = rng_state() if state.pending_eval else None
         was_training = self.model.training
-        self.model.eval()
         results: dict[str, float] = {}
-        for name, loader in self.eval_loaders.items():
-            state.eval_split = name
-            for metric in self.metrics.values():
-                metric.reset()
-            for batch in loader:
-                state.batch = batch
-                self._run_hook("before_eval_step")
-                self._run_hook("eval_step", batch)
-                self._run_hook("after_eval_step")
-            for metric_name, metric in self.metrics.items():
-                value = metric.compute()
-                if isinstance(value, Mapping):
-                    results.update({f"{name}/{k}": to_float(v) for k, v in value.items()})
-                else:
-                    results[f"{name}/{metric_name}"] = to_float(value)
-        self.model.train(was_training)
-        state.eval_split = ""
+        try:
+            self._run_hook("before_eval")
+            self.model.eval()
+            for name, loader in self.eval_loaders.items():
+                state.eval_split = name
+                for metric in self.metrics.values():
+                    metric.reset()
+                for batch in loader:
+                    state.batch = batch
+                    self._run_hook("before_eval_step")
+                    self._run_hook("eval_step", batch)
+                    self._run_hook("after_eval_step")
+                for metric_name, metric in self.metrics.items():
+                    value = metric.compute()
+                    if isinstance(value, Mapping):
+                        results.update({f"{name}/{k}": to_float(v) for k, v in value.items()})
+                    else:
+                        results[f"{name}/{metric_name}"] = to_float(value)
+        except Preempted:
+            if rng_before is not None:
+                set_rng_state(rng_before)
+            raise
+        finally:
+            self.model.train(was_training)
+            state.eval_split = ""
         state.last_eval = results
-        self._last_eval_step = state.step
+        state.last_eval_step = state.step
         if results:
             self.log(results)
         self._run_hook("after_eval")
@@ -427,9 +505,15 @@ class Engine:
     def after_fit(self) -> None: ...
 
     # ---------------------------------------------------------------------------------------------- output --
+    def log_next(self, values: Mapping[str, float | torch.Tensor]) -> None:
+        """Add values to the next training record (monitors call this before a log step's record is made, e.g. in
+        `fit_step`). Device tensors are read back together with the losses, in the log step's one synchronisation."""
+        self._log_next.update(values)
+
     def log(self, values: Mapping[str, float]) -> None:
         """Send a record (`{"split/name": value}`) to every logging callback, stamped with step and epoch."""
         record = {"step": self.state.step, "epoch": self.state.epoch, **values}
+        self.state.log_count += 1
         for fn in self._log_handlers:
             fn(self, record)
 
@@ -447,6 +531,7 @@ class Engine:
             "world_size": self.accelerator.num_processes,
             "final": dict(state.last_eval),
             "last_train": dict(state.last_train),
+            **self.summary_extras,
         }
 
     def unwrapped_model(self) -> nn.Module:
@@ -504,4 +589,4 @@ def _every_n_epochs(fn: Callable[[Engine], None], n: int) -> Callable[[Engine], 
     return due
 
 
-__all__ = ["Accuracy", "CheckpointConfig", "DataConfig", "Engine", "TrainerConfig"]
+__all__ = ["Accuracy", "CheckpointConfig", "DataConfig", "Engine", "LogConfig", "TrainerConfig"]

@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +104,88 @@ def setup_logging(out_dir: Path | None, is_main: bool, rank: int = 0) -> list[lo
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter(f"{prefix}%(message)s"))
     console.addFilter(_MainOnly(is_main))
+    # how `info_line` writes an INFO line to each handler, the same as its formatter (None: the filter drops it)
+    console._accelengine_info = (lambda text, now: text) if is_main else None  # type: ignore[attr-defined]
     handlers: list[logging.Handler] = [console]
     if out_dir is not None and is_main:
         file = logging.FileHandler(out_dir / "log.txt", encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        file._accelengine_info = lambda text, now: f"{_asctime(now)} INFO {text}"  # type: ignore[attr-defined]
         handlers.append(file)
     for h in handlers:
         h._accelengine = True  # type: ignore[attr-defined]
         log.addHandler(h)
     return handlers
+
+
+def _asctime(now: float) -> str:
+    """`%(asctime)s` as `logging.Formatter` writes it by default: `2025-01-31 12:00:00,123`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int((now - int(now)) * 1000):03d}"
+
+
+def info_line(text: str) -> None:
+    """`logging.getLogger("accelengine").info(text)` for lines written at every log step (the console logger's),
+    straight to the handlers `setup_logging` installed, with the same output.
+
+    Through `logging` (a LogRecord, filters, formatters, locks) a line costs several times the write itself: about
+    70 us per line in a training loop, 2-3 % of a small model's CPU step at `log_every = 10`. Whenever another handler
+    is attached (a user's) or INFO is disabled, the line goes through `logging` as usual.
+    """
+    log = logging.getLogger("accelengine")
+    handlers = log.handlers
+    if not handlers or not log.isEnabledFor(logging.INFO) or any(not hasattr(h, "_accelengine_info") for h in handlers):
+        log.info(text)
+        return
+    now = time.time()
+    for handler in handlers:
+        render = handler._accelengine_info  # type: ignore[attr-defined]
+        if render is None or handler.level > logging.INFO:
+            continue
+        handler.acquire()
+        try:
+            handler.stream.write(render(text, now) + handler.terminator)  # type: ignore[attr-defined]
+            handler.flush()
+        finally:
+            handler.release()
+
+
+def _in_run_dir(path: Path, cache: dict[Path, bool]) -> bool:
+    """True inside an earlier run directory (it holds an `env.json`): its `code/` copy is not the user's source."""
+    for parent in path.parents:
+        if parent not in cache:
+            cache[parent] = (parent / "env.json").is_file()
+        if cache[parent]:
+            return True
+    return False
+
+
+def snapshot_code(patterns: list[str], root: Path, dest: Path, max_bytes: int = 2**20) -> list[str]:
+    """Copy the files matching `patterns` (globs relative to `root`, `**` for any depth; absolute globs too) into
+    `dest`, keeping their paths relative to `root`. Skips hidden and `__pycache__` folders, run directories and
+    files over `max_bytes` (a warning names them). Returns the copied paths, relative to `dest`."""
+    import glob
+    import shutil
+
+    root = root.resolve()
+    copied: list[str] = []
+    cache: dict[Path, bool] = {}
+    for pattern in patterns:
+        matches = glob.glob(pattern if Path(pattern).is_absolute() else str(root / pattern), recursive=True)
+        for found in sorted(Path(m).resolve() for m in matches):
+            if not found.is_file():
+                continue
+            rel = found.relative_to(root) if found.is_relative_to(root) else Path(found.name)
+            if any(p.startswith(".") or p == "__pycache__" for p in rel.parts[:-1]) or _in_run_dir(found, cache):
+                continue
+            if found.stat().st_size > max_bytes:
+                logger.warning(f"copy_code: skipped {rel} ({found.stat().st_size} bytes; the limit is {max_bytes})")
+                continue
+            if str(rel) in copied:
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(found, target)
+            copied.append(str(rel))
+    if not copied:
+        logger.warning(f"copy_code: no file matched {patterns} under {root}")
+    return copied

@@ -1,18 +1,83 @@
-"""`run`: a recipe file to a finished run directory (what `accelengine run` does)."""
+"""Recipe files to finished run directories: what `accelengine run` and `accelengine eval` do."""
 
 from __future__ import annotations
 
+import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any
 
 from accelengine.build import build_engine
+from accelengine.errors import EngineError
 from accelengine.recipe.validate import load_recipe
+from accelengine.restart import CHECKPOINT_DIR, plan_resume, resolve_checkpoint
 from accelengine.rundir import default_run_dir
 
+logger = logging.getLogger("accelengine")
 
-def run(recipe_path: str | Path, overrides: list[str] | None = None, out: str | Path | None = None) -> dict[str, Any]:
-    """Validate the recipe, build everything, train/evaluate, and return the summary (also in `summary.json`)."""
+
+def run(
+    recipe_path: str | Path,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    resume: str = "auto",
+) -> dict[str, Any]:
+    """Validate the recipe, build everything, train (or evaluate) and return the summary (also `summary.json`).
+
+    `resume`: `auto` continues from the newest complete checkpoint in `out` if there is one; `never` refuses a
+    non-empty `out`; a path continues from that checkpoint (its run directory is the default `out`).
+    """
     recipe = load_recipe(recipe_path, overrides)
+    if out is None and resume not in ("auto", "never"):
+        checkpoint = resolve_checkpoint(resume)
+        out = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else None
     out_dir = Path(out) if out is not None else default_run_dir(recipe.name)
-    engine = build_engine(recipe, out_dir)
+    engine = build_engine(recipe, out_dir, resume_from=plan_resume(out_dir, resume))
+    engine.code_root = Path(recipe_path).resolve().parent  # `log.copy_code` globs are relative to the recipe
     return engine.fit()
+
+
+def evaluate(
+    recipe_path: str | Path,
+    checkpoint: str | Path,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    ema: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint's weights on every evaluation set of the recipe (its `train` set is left out)."""
+    recipe = load_recipe(recipe_path, overrides)
+    source = resolve_checkpoint(checkpoint)
+    recipe.data.loaders.pop("train", None)
+    if not recipe.data.loaders:
+        raise EngineError(f"{recipe_path} has no evaluation sets (every `[data.<name>]` other than `train`)")
+    recipe.checkpoint.init_from = str(export_weights(source, None, ema=ema) if ema else source)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = source.parent.parent if source.parent.name == CHECKPOINT_DIR else None
+    out_dir = Path(out) if out is not None else (run_dir / f"eval-{stamp}" if run_dir else default_run_dir(recipe.name))
+    engine = build_engine(recipe, out_dir, resume_from=plan_resume(out_dir, "never"))
+    return engine.fit()
+
+
+def export_weights(checkpoint: str | Path, out: str | Path | None, ema: bool = False) -> Path:
+    """Write a checkpoint's model weights (or its EMA weights) alone to a `.safetensors` file."""
+    from safetensors.torch import save_file
+
+    from accelengine.checkpoint import read_checkpoint
+
+    source = resolve_checkpoint(checkpoint)
+    if ema:
+        callbacks = read_checkpoint(source, parts=["callbacks", "model"]).parts
+        state = callbacks["callbacks"].get("ema")
+        if state is None:
+            raise EngineError(f"checkpoint {source} holds no EMA weights: train with the `ema` callback")
+        weights = {k: state["params"].get(k, state["buffers"].get(k)) for k in callbacks["model"]}
+    else:
+        weights = read_checkpoint(source, parts=["model"]).parts["model"]
+    if out is None:  # a scratch file (evaluate --ema); checkpoints are never written into
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="accelengine-")) / "ema.safetensors"
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(target), metadata={"source": str(source)})
+    return target

@@ -23,16 +23,35 @@ class State:
     # results and control
     last_eval: dict[str, float] = field(default_factory=dict)
     last_train: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int = -1
+    log_count: int = 0  # records logged so far: a resume rewinds metrics.jsonl to this many lines
+    pending_eval: str = ""  # "step"/"epoch" while an evaluation inside the loop runs (preemption may interrupt it)
     should_stop: bool = False
     stop_reason: str = ""
+    failed: bool = False  # a stop that ends the run as `failed` (e.g. a non-finite loss), not `stopped`
+    preempted: bool = False
     status: str = "created"
 
-    _SAVED = ("task", "epoch", "step", "batch_in_epoch", "last_eval", "last_train", "should_stop", "stop_reason")
+    _SAVED = (
+        "task",
+        "epoch",
+        "step",
+        "batch_in_epoch",
+        "last_eval",
+        "last_train",
+        "last_eval_step",
+        "log_count",
+        "pending_eval",
+        "should_stop",
+        "stop_reason",
+    )
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the loop to stop at the next step boundary (callbacks call this: early stopping, wall time...)."""
+    def request_stop(self, reason: str, failed: bool = False) -> None:
+        """Ask the loop to stop at the next step boundary (callbacks call this: early stopping, wall time...);
+        `failed=True` ends the run as `failed` rather than `stopped` (a NaN guard)."""
         self.should_stop = True
         self.stop_reason = self.stop_reason or reason
+        self.failed = self.failed or failed
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._SAVED}

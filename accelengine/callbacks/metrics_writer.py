@@ -27,7 +27,9 @@ class MetricsWriter(Callback):
 
     def before_fit(self, engine) -> None:
         if engine.out_dir is not None and engine.is_main_process:
-            self._file = open(Path(engine.out_dir) / self.filename, "a", encoding="utf-8")  # noqa: SIM115
+            path = Path(engine.out_dir) / self.filename
+            _rewind(path, engine.state.log_count)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def on_log(self, engine, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -41,3 +43,17 @@ class MetricsWriter(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _rewind(path: Path, records: int) -> None:
+    """Keep the first `records` lines: what was logged after the checkpoint a resume starts from is dropped, so
+    every record appears once (a fresh run starts from zero records)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    if len(lines) != records:
+        kept = [line for line in lines[:records] if line.endswith(b"\n")]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        tmp.replace(path)

@@ -1,16 +1,29 @@
-"""The run directory's records: `recipe.toml`, `env.json`, `log.txt` at the start, `summary.json` at the end."""
+"""The run directory's records at the start: `recipe.toml`, `env.json`, `log.txt` and, with `log.copy_code`, a
+snapshot of the source files in `code/`. (`summary.json` is written at the end by `RunSummary`.)"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from accelengine.callbacks.base import Callback
 from accelengine.recipe.toml_io import dump_toml
-from accelengine.rundir import environment, setup_logging, write_json
+from accelengine.rundir import environment, setup_logging, snapshot_code, write_json
+
+logger = logging.getLogger("accelengine")
 
 
 class RunFiles(Callback):
-    """Writes the run's records; only the main process writes, the others only log warnings."""
+    """Writes the run's records; only the main process writes, the others only log warnings.
+
+    Args:
+        copy_code: globs of source files to copy into `RUN_DIR/code/` (relative to `engine.code_root`: the
+            recipe's directory for recipe runs, else the working directory).
+    """
+
+    def __init__(self, copy_code: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.copy_code = list(copy_code)
 
     def before_fit(self, engine) -> None:
         out = engine.out_dir
@@ -18,13 +31,18 @@ class RunFiles(Callback):
         if out is not None and main:
             Path(out).mkdir(parents=True, exist_ok=True)
         setup_logging(Path(out) if out is not None else None, main, engine.accelerator.process_index)
+        if main and not engine.config.deterministic:
+            logger.warning(
+                "not deterministic: reruns may differ slightly; set `trainer.deterministic = true` "
+                "(TrainerConfig(deterministic=True)) for repeatable results, at some speed cost"
+            )
         if out is None or not main:
             return
         if engine.recipe is not None:
             header = f"resolved recipe (every default filled in); run it again with:\naccelengine run {out}/recipe.toml"
             (Path(out) / "recipe.toml").write_text(dump_toml(engine.recipe, header), encoding="utf-8")
-        write_json(Path(out) / "env.json", environment(engine.accelerator, engine.seed))
-
-    def after_fit(self, engine) -> None:
-        if engine.out_dir is not None and engine.is_main_process:
-            write_json(Path(engine.out_dir) / "summary.json", engine.summary())
+        env = environment(engine.accelerator, engine.seed)
+        if self.copy_code:
+            root = Path(getattr(engine, "code_root", None) or Path.cwd())
+            env["code_snapshot"] = snapshot_code(self.copy_code, root, Path(out) / "code")
+        write_json(Path(out) / "env.json", env)

@@ -47,6 +47,21 @@ BUILTINS: dict[str, str] = {
     "files": "accelengine.data.from_files",
     "digits": "accelengine.examples.digits.digits",
     "synthetic_classification": "accelengine.examples.synthetic.classification",
+    # callbacks (`[[callbacks]]` tables); run_files .. run_summary form the default set, switched by `[log]`
+    "run_files": "accelengine.callbacks.run_files.RunFiles",
+    "metrics_writer": "accelengine.callbacks.metrics_writer.MetricsWriter",
+    "console": "accelengine.callbacks.console.ConsoleLogger",
+    "progress": "accelengine.callbacks.progress.ProgressBar",
+    "trackers": "accelengine.callbacks.trackers.Trackers",
+    "param_table": "accelengine.callbacks.param_table.ParamTable",
+    "nan_guard": "accelengine.callbacks.nan_guard.NanGuard",
+    "run_summary": "accelengine.callbacks.run_summary.RunSummary",
+    "lr_monitor": "accelengine.callbacks.lr_monitor.LearningRateMonitor",
+    "grad_norm": "accelengine.callbacks.grad_norm.GradNormMonitor",
+    "throughput": "accelengine.callbacks.throughput.ThroughputMonitor",
+    "early_stopping": "accelengine.callbacks.early_stopping.EarlyStopping",
+    "time_limit": "accelengine.callbacks.time_limit.TimeLimit",
+    "ema": "accelengine.callbacks.ema.EMA",
 }
 
 

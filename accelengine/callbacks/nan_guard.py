@@ -1,0 +1,190 @@
+"""Non-finite loss guard: stop the run (default) or skip the bad updates."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from accelengine.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from accelengine.engine import Engine
+
+logger = logging.getLogger("accelengine")
+
+FIXES = (
+    "lower the learning rate, clip gradients (trainer.max_grad_norm), prefer bf16 to fp16, "
+    'or skip such steps (log.nan_guard = "skip")'
+)
+
+
+class NanGuard(Callback):
+    """Watches the training loss for NaN/inf.
+
+    `mode="stop"` (default) ends the run as `failed`, with a stop reason naming the first bad optimizer step. It
+    adds no host-device synchronisation per step. The check happens, before anything could persist the damage, at
+    every step where something is persisted: at a log step it reads the logged mean loss of the window (already on
+    the host: a NaN anywhere in the window makes it NaN) before that step's evaluation and `after_fit_step`; at the
+    other evaluation and checkpoint steps and at the last step of an epoch or of training, it reads back the step
+    losses kept since the last check (references only, nothing is computed per step) in one go. So no checkpoint is
+    saved after a bad step: the latest checkpoint stays the last good one. The weights are damaged from the bad step
+    on, which does not matter as the run stops; it may run up to `log_every` steps past the bad one before stopping.
+
+    `mode="skip"` drops the update of every step whose loss (any micro-batch of it) is not finite: the gradients are
+    discarded before the optimizer steps (with fp16, the gradient scaler skips such steps itself). The step still
+    counts (schedules advance) and the window's logged mean loss shows the NaN. This needs to know before each
+    update, so it costs one host-device synchronisation per optimizer step: the price of skipping.
+
+    Across processes the verdict is shared (the logged loss is a mean over processes; the read-back is reduced), so
+    every process stops or skips together.
+
+    Args:
+        mode: `stop` or `skip`.
+        check_every: stop mode only: also check every N optimizer steps (1: every step, one sync each).
+    """
+
+    def __init__(self, mode: Literal["stop", "skip"] = "stop", check_every: int | None = None) -> None:
+        super().__init__()
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"NanGuard: mode must be `stop` or `skip`, got {mode!r}")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"NanGuard: check_every must be at least 1, got {check_every}")
+        self.mode = mode
+        self.check_every = check_every
+        self.max_pending = 256  # a forced check at least this often, so the kept references stay few
+        self.skipped: list[int] = []
+        self._losses: list[torch.Tensor] = []
+        self._steps: list[int] = []  # the optimizer step (1-based) of each kept loss
+        self._periods: list[int] = []
+        self._check_at = 0  # the next periodic check (an optimizer step), so a step costs one comparison
+        self._log_every = 1
+        self._total_steps = 0
+        self._steps_per_epoch = 0
+        self._batches_per_epoch: int | None = None
+
+    @property
+    def key(self) -> str:
+        return "nan_guard"
+
+    def before_fit(self, engine: Engine) -> None:
+        cfg = engine.config
+        ckpt = getattr(engine, "checkpoint_config", None)
+        periods = [self.check_every, getattr(ckpt, "every_steps", None)]
+        if cfg.steps is not None and engine.eval_loaders:
+            periods.append(cfg.eval_every)
+        self._periods = sorted({p for p in periods if p})
+        self._log_every = cfg.log_every
+        training = engine.train_loader is not None
+        # An epoch's end persists something when epochs evaluate (and may save a best checkpoint) or save
+        epoch_ends = cfg.steps is None or getattr(ckpt, "every_epochs", None) is not None
+        try:
+            self._batches_per_epoch = len(engine.train_loader) if training and epoch_ends else None
+        except TypeError:  # an iterable data set without a length
+            self._batches_per_epoch = None
+        self._total_steps = engine.total_steps if training else 0
+        try:
+            self._steps_per_epoch = engine.steps_per_epoch if training else 0
+        except TypeError:
+            self._steps_per_epoch = 0
+        self._plan(engine.state.step)
+        self._forget()
+
+    def _plan(self, step: int) -> None:
+        self._check_at = min((step // p + 1) * p for p in self._periods) if self._periods else self._total_steps
+
+    def _keep(self, loss: Any, step: int) -> None:
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach())
+            self._steps.append(step)
+
+    def _forget(self) -> None:
+        self._losses.clear()
+        self._steps.clear()
+
+    def _first_bad(self, engine: Engine) -> int | None:
+        """Index of the first kept loss that is not finite on any process (one read-back)."""
+        if not self._losses:
+            return None
+        try:
+            losses = torch.stack(self._losses)
+        except RuntimeError:  # losses of different shapes ((), (1,)): one reshape per value is slower but works
+            losses = torch.stack([v.reshape(()) for v in self._losses])
+        finite = torch.isfinite(losses)
+        if engine.accelerator.num_processes > 1:
+            finite = engine.accelerator.reduce((~finite).float(), reduction="sum") == 0
+        flags = finite.tolist()  # the one read-back
+        return next((i for i, ok in enumerate(flags) if not ok), None)
+
+    def _stop(self, engine: Engine, index: int | None) -> None:
+        if index is None:  # the logged mean says so, but no kept loss does (a loss the guard did not see)
+            where = f"in the steps up to {engine.state.step}"
+            value: Any = "nan"
+        else:
+            step = self._steps[index]
+            epoch = (step - 1) // self._steps_per_epoch if self._steps_per_epoch else engine.state.epoch
+            where = f"at step {step} (epoch {epoch})"
+            local = self._losses[index].float().item()
+            value = local if not math.isfinite(local) else "on another process"
+        reason = f"non-finite loss ({value}) {where}; {FIXES}"
+        logger.error(f"stopping: {reason}. Nothing is saved after it: the latest checkpoint is the last good one.")
+        engine.state.request_stop(reason, failed=True)
+
+    # --------------------------------------------------------------------------------------------- stop mode --
+    def fit_step(self, engine: Engine) -> None:
+        # Callbacks receive fit_step after the engine's step (state.loss is this micro-batch's) and before the
+        # step's log record, evaluation and after_fit_step (where checkpoints are saved).
+        state = engine.state
+        stepped = state.optimizer_stepped
+        if self.mode == "skip":
+            if not stepped:
+                self._keep(state.loss, state.step + 1)
+            return
+        self._losses.append(state.loss.detach())  # a reference for naming the bad step later; no device work
+        self._steps.append(state.step if stepped else state.step + 1)
+        if not stepped or state.step % self._log_every == 0:
+            return  # a log step: its training record is checked in on_log, before evaluation and saving
+        if (
+            state.step >= self._check_at
+            or state.step >= self._total_steps
+            or (self._batches_per_epoch and state.batch_in_epoch >= self._batches_per_epoch)
+            or len(self._losses) >= self.max_pending
+        ):
+            self._plan(state.step)
+            index = self._first_bad(engine)
+            if index is not None:
+                self._stop(engine, index)
+            self._forget()
+
+    def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
+        loss = record.get("train/loss")
+        if self.mode != "stop" or loss is None:
+            return  # not a training record
+        if not math.isfinite(loss):  # the window's mean over all processes: the same verdict everywhere
+            self._stop(engine, self._first_bad(engine))
+        self._plan(engine.state.step)
+        self._forget()
+
+    # --------------------------------------------------------------------------------------------- skip mode --
+    def before_optimizer_step(self, engine: Engine) -> None:
+        if self.mode != "skip":
+            return
+        self._keep(engine.state.loss, engine.state.step + 1)  # the step's last micro-batch; earlier: in fit_step
+        index = self._first_bad(engine)
+        self._forget()
+        if index is None:
+            return
+        step = engine.state.step + 1
+        self.skipped.append(step)
+        engine.summary_extras["skipped_steps"] = {"count": len(self.skipped), "first": self.skipped[:20]}
+        logger.warning(f"non-finite loss at step {step}: update skipped ({len(self.skipped)} so far)")
+        if engine.accelerator.scaler is None:  # fp16's gradient scaler skips non-finite gradients on its own
+            engine.optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves the weights alone
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = [int(s) for s in state.get("skipped", [])]

@@ -1,0 +1,156 @@
+"""Training progress: a one-line bar on a terminal, plain periodic lines in log files (SLURM, nohup), main process
+only. It reads the last *logged* loss and evaluation metric, never the live loss tensor, so it adds no host-device
+synchronisation; per step it costs one clock read."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from accelengine.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from accelengine.engine import Engine
+
+# Names that are better when smaller: the summary and progress pick the direction of a metric from its name.
+LOWER_IS_BETTER = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer")
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.rsplit("/", 1)[-1].lower()
+    return any(name == w or name.startswith(f"{w}_") or name.endswith(f"_{w}") for w in LOWER_IS_BETTER)
+
+
+def headline_metric(results: dict[str, float]) -> str | None:
+    """The metric to show when none is named: the first non-loss metric of the first evaluation set."""
+    keys = list(results)
+    return next((k for k in keys if not lower_is_better(k)), keys[0] if keys else None)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ProgressBar(Callback):
+    """Epoch/step, rate, ETA, the last logged training loss and the last evaluation metric.
+
+    Args:
+        every_s: seconds between plain lines when stdout is not a terminal (0: a line every optimizer step).
+        metric: the evaluation metric to show, e.g. `val/accuracy`; default the first non-loss one.
+        refresh_s: seconds between redraws of the bar on a terminal.
+        force_tty: draw the bar (True) or plain lines (False) whatever stdout is; default: ask stdout.
+    """
+
+    def __init__(
+        self, every_s: float = 30.0, metric: str | None = None, refresh_s: float = 0.2, force_tty: bool | None = None
+    ) -> None:
+        super().__init__()
+        if every_s < 0 or refresh_s < 0:
+            raise ValueError(f"ProgressBar: every_s and refresh_s must be 0 or more, got {every_s}, {refresh_s}")
+        self.every_s = every_s
+        self.metric = metric
+        self.refresh_s = refresh_s
+        self.force_tty = force_tty
+        self._active = False
+        self._tty = False
+        self._drawn = False
+        self._next = 0.0
+        self._t0 = 0.0
+        self._step0 = 0
+
+    def before_fit(self, engine: Engine) -> None:
+        self._active = engine.is_main_process and engine.train_loader is not None
+        if not self._active:
+            return
+        self._tty = self.force_tty if self.force_tty is not None else _isatty(sys.stdout)
+        if self._tty:
+            # Other console lines (a checkpoint saved, a warning) come through the `accelengine` logger: clear the
+            # bar before each, so they do not start in the middle of it.
+            for handler in logging.getLogger("accelengine").handlers:
+                handler.addFilter(self._clear_filter)
+        self._t0 = time.perf_counter()
+        self._step0 = engine.state.step
+        self._next = self._t0 + (self.refresh_s if self._tty else self.every_s)
+
+    def after_fit_step(self, engine: Engine) -> None:
+        if not self._active or not engine.state.optimizer_stepped:
+            return
+        now = time.perf_counter()
+        if now >= self._next:
+            self._next = now + (self.refresh_s if self._tty else self.every_s)
+            self._emit(engine, now)
+
+    def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
+        # Console lines follow (this callback is registered before the console logger): clear the bar so they
+        # start on a clean line; it is redrawn at the next refresh.
+        if self._active and self._tty:
+            self._clear()
+
+    def _clear(self) -> None:
+        if self._drawn:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+            self._drawn = False
+            self._next = 0.0
+
+    def _clear_filter(self, record: logging.LogRecord) -> bool:
+        self._clear()
+        return True  # a filter that lets everything through: it only clears the line first
+
+    def after_fit(self, engine: Engine) -> None:
+        if self._active:
+            self._emit(engine, time.perf_counter(), final=True)
+            self._active = False
+            for handler in logging.getLogger("accelengine").handlers:
+                handler.removeFilter(self._clear_filter)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def line(self, engine: Engine, now: float) -> str:
+        """The progress text: `epoch 2/10 step 150/600 25% 40.1 steps/s ETA 0:00:11 loss 0.31 val/accuracy 0.94`."""
+        state, cfg = engine.state, engine.config
+        total = engine.total_steps
+        epochs = f"/{cfg.epochs}" if cfg.epochs is not None else ""
+        done = state.step - self._step0
+        elapsed = now - self._t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"epoch {min(state.epoch + 1, cfg.epochs or state.epoch + 1)}{epochs}", f"step {state.step}/{total}"]
+        if self._tty:
+            width = 20
+            filled = int(width * min(state.step / total, 1.0)) if total else 0
+            parts.append(f"[{'#' * filled}{'.' * (width - filled)}]")
+        parts.append(f"{100 * state.step / total:.0f}%" if total else "")
+        parts.append((f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}") + " steps/s" if rate else "")
+        if rate and total > state.step:
+            parts.append(f"ETA {format_duration((total - state.step) / rate)}")
+        loss = state.last_train.get("train/loss")
+        if loss is not None:
+            parts.append(f"loss {loss:.4g}")
+        metric = self.metric or headline_metric(state.last_eval)
+        if metric and metric in state.last_eval:
+            parts.append(f"{metric} {state.last_eval[metric]:.4g}")
+        return " ".join(p for p in parts if p)
+
+    def _emit(self, engine: Engine, now: float, final: bool = False) -> None:
+        text = self.line(engine, now)
+        if final:
+            text += f" in {format_duration(now - self._t0)}"
+        out = sys.stdout
+        if self._tty:
+            columns = shutil.get_terminal_size((100, 20)).columns  # a bar longer than the line would wrap
+            out.write("\r\x1b[K" + (text + "\n" if final else text[: columns - 1]))
+            self._drawn = not final
+        else:
+            out.write(text + "\n")
+        out.flush()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,203 @@
+"""Experiment trackers (TensorBoard, W&B, MLflow, Aim, Comet, ...) through Accelerate's own integrations.
+
+The tracker names reach `Accelerator(log_with=..., project_config=...)` when the engine builds it (see
+`accelerator_kwargs`); this callback starts the trackers' run (`accelerator.init_trackers`), forwards every logged
+record (`accelerator.log`) and finishes them. Train and eval values keep their split prefix as the tag
+(`train/loss`, `val/loss`), so the curves stay apart. Nothing here imports a tracker package: Accelerate does, on the
+main process, when the run starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from accelengine.callbacks.base import Callback
+from accelengine.errors import EngineError, Problem
+
+if TYPE_CHECKING:
+    from accelengine.engine import Engine
+    from accelengine.recipe.schema import LogSection
+
+logger = logging.getLogger("accelengine")
+
+# Tracker name -> the module that must be importable for it (what Accelerate's own availability checks look for).
+TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "aim": ("aim",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "swanlab": ("swanlab",),
+    "trackio": ("trackio",),
+}
+# Where trackers that keep local files write them, inside the run directory.
+TRACKER_DIR = "trackers"
+
+
+def _installed(name: str) -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in TRACKER_PACKAGES.get(name, (name,)))
+
+
+def log_section_problems(log: LogSection) -> list[Problem]:
+    """Recipe checks for `[log]`: known tracker names, installed packages, sane numbers."""
+    problems = []
+    for i, name in enumerate(log.trackers or []):
+        if name not in TRACKER_PACKAGES:
+            known = ", ".join(f"`{n}`" for n in TRACKER_PACKAGES)
+            problems.append(Problem(f"log.trackers[{i}]", f"unknown tracker `{name}`", f"choose from {known}"))
+        elif not _installed(name):
+            problems.append(Problem(f"log.trackers[{i}]", f"tracker `{name}` is not installed", f"pip install {name}"))
+    for name in log.tracker_kwargs:
+        if name not in (log.trackers if log.trackers is not None else ["tensorboard"]):
+            problems.append(
+                Problem(f"log.tracker_kwargs.{name}", f"`{name}` is not one of `log.trackers`", "add it to the list")
+            )
+    if log.progress_every_s < 0:
+        problems.append(Problem("log.progress_every_s", f"must be 0 or more, got {log.progress_every_s}"))
+    return problems
+
+
+def resolve_trackers(log: LogSection, out_dir: Path | None) -> list[str]:
+    """The tracker names a run uses: the configured ones, or TensorBoard when it is installed and there is a run
+    directory to write to. Raises EngineError for unknown or missing trackers (the recipe validator says the same)."""
+    if log.trackers is None:
+        return ["tensorboard"] if out_dir is not None and _installed("tensorboard") else []
+    problems = log_section_problems(log)
+    if problems:
+        raise EngineError("; ".join(f"{p.path}: {p.message} ({p.hint})" for p in problems))
+    needs_dir = [n for n in log.trackers if n in ("tensorboard", "aim")]
+    if needs_dir and out_dir is None:
+        raise EngineError(f"tracker(s) {needs_dir} write files: give the engine an `out_dir`")
+    return list(dict.fromkeys(log.trackers))
+
+
+def accelerator_kwargs(log: LogSection, out_dir: Path | None) -> dict[str, Any]:
+    """What `Accelerator(...)` needs for the trackers: `log_with` and where local trackers write."""
+    names = resolve_trackers(log, out_dir)
+    if not names:
+        return {}
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs: dict[str, Any] = {"log_with": names}
+    if out_dir is not None:
+        kwargs["project_config"] = ProjectConfiguration(
+            project_dir=str(out_dir), logging_dir=str(Path(out_dir) / TRACKER_DIR)
+        )
+    return kwargs
+
+
+# How each tracker's run is identified, and the init arguments that reopen that run on resume.
+_RUN_IDS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], dict[str, Any]]]] = {
+    "tensorboard": (lambda t: t.logging_dir, lambda v: {}),
+    "wandb": (lambda t: t.run.id, lambda v: {"id": v, "resume": "allow"}),
+    "mlflow": (lambda t: t.active_run.info.run_id, lambda v: {"run_id": v}),
+    "aim": (lambda t: t.writer.hash, lambda v: {"run_hash": v}),
+    "comet_ml": (lambda t: t.writer.get_key(), lambda v: {"experiment_key": v}),
+}
+
+
+def _flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as the flat `{"optim.lr": 0.001}` mapping trackers accept as hyperparameters."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(_flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(data, (bool, int, float, str)) or data is None:
+        out[prefix] = data
+    else:
+        out[prefix] = str(data)
+    return out
+
+
+class Trackers(Callback):
+    """Logs every record to the trackers Accelerate was built with (`engine.accelerator.log_with`).
+
+    The trackers' run starts in `before_fit` (or at the first record, for an `evaluate()` without `fit`), after a
+    resume has restored this callback's state (`load_state_dict`), so a resumed run reopens the same run: W&B by id,
+    MLflow by run id, Aim by run hash, Comet by experiment key, TensorBoard by its directory, relative to the run
+    directory (events the interrupted run logged after the resumed step are purged, so its tail is not doubled).
+    """
+
+    def __init__(self, project: str | None = None, tracker_kwargs: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.project = project
+        self.tracker_kwargs = dict(tracker_kwargs or {})
+        self._started = False
+        self._closed = False
+        self._resumed_at = 0
+        self._restored: dict[str, Any] = {}
+        self.run_project: str | None = None
+        self.runs: dict[str, Any] = {}  # tracker name -> run id (TensorBoard: its directory), once started
+
+    @property
+    def key(self) -> str:
+        return "trackers"
+
+    def _start(self, engine: Engine) -> None:
+        self._started = True
+        acc = engine.accelerator
+        if not acc.log_with or not engine.is_main_process:
+            return
+        init_kwargs = {name: dict(kw) for name, kw in self.tracker_kwargs.items()}
+        restored = self._restored.get("runs") or {}
+        for name, run_id in restored.items():
+            if name in _RUN_IDS and run_id is not None:
+                init_kwargs.setdefault(name, {}).update(_RUN_IDS[name][1](run_id))
+        if restored.get("tensorboard"):
+            # The same event directory as before; events the interrupted run logged past the resumed step are
+            # dropped, so curves are not doubled.
+            event_dir = Path(engine.out_dir or ".") / restored["tensorboard"]  # stays put when already absolute
+            acc.project_configuration.logging_dir = str(event_dir.parent)
+            init_kwargs.setdefault("tensorboard", {})["purge_step"] = self._resumed_at + 1
+        name = (engine.recipe or {}).get("name")
+        self.run_project = self._restored.get("project") or self.project or name or "accelengine"
+        config = _flat_config(engine.recipe) if engine.recipe else {"seed": engine.seed}
+        acc.init_trackers(self.run_project, config=config, init_kwargs=init_kwargs)
+        for tracker in acc.trackers:
+            getter = _RUN_IDS.get(tracker.name)
+            try:
+                self.runs[tracker.name] = getter[0](tracker) if getter else None
+            except AttributeError:
+                self.runs[tracker.name] = None
+        if self.runs.get("tensorboard") and engine.out_dir is not None:
+            # relative to the run directory, so a run directory that is moved or copied still resumes in place
+            event_dir = Path(self.runs["tensorboard"])
+            if event_dir.is_relative_to(engine.out_dir):
+                self.runs["tensorboard"] = str(event_dir.relative_to(engine.out_dir))
+        engine.summary_extras["trackers"] = dict(self.runs)
+
+    def before_fit(self, engine: Engine) -> None:
+        self._closed = False
+        self._resumed_at = engine.state.step  # a resume has restored the loop position (and this state) by now
+        if not self._started:
+            self._start(engine)  # here rather than at the first record: starting a run takes tens of ms
+
+    def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        if not self._started:
+            self._start(engine)
+        if engine.accelerator.trackers:
+            values = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float))}
+            engine.accelerator.log(values, step=record["step"])
+
+    def after_fit(self, engine: Engine) -> None:
+        # `accelerator.end_training()` would also destroy the process group, which callbacks after this one (a
+        # final checkpoint) may still need; finishing each tracker is the tracker half of it.
+        for tracker in engine.accelerator.trackers:
+            tracker.finish()
+        engine.accelerator.trackers.clear()
+        self._started, self._closed = False, True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"project": self.run_project or self.project, "runs": dict(self.runs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = {"project": state.get("project"), "runs": dict(state.get("runs") or {})}
+        self.runs = dict(self._restored["runs"])

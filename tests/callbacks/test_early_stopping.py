@@ -1,0 +1,53 @@
+"""EarlyStopping: stops after `patience` evaluations without improvement; its state round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from accelengine import EngineError
+from accelengine.callbacks import EarlyStopping
+
+from .helpers import tiny_engine
+
+
+def test_stops_when_the_metric_stalls():
+    # lr 0: nothing changes, so val/loss never improves after the first evaluation
+    stopper = EarlyStopping(monitor="val/loss", mode="min", patience=2)
+    engine = tiny_engine(callbacks=[stopper], lr=0.0, steps=40, eval_every=2)
+    summary = engine.fit()
+    assert summary["status"] == "stopped"
+    assert summary["steps"] == 6  # evaluations at steps 2 (best), 4 and 6 (no improvement twice)
+    assert summary["stop_reason"].startswith("early stopping: val/loss did not improve for 2 evaluations")
+    assert "at step 2" in summary["stop_reason"]
+    assert stopper.state_dict() == {"best": stopper.best, "best_step": 2, "wait": 2}
+
+
+def test_keeps_going_while_improving():
+    stopper = EarlyStopping(monitor="val/accuracy", mode="max", patience=1, min_delta=0.0)
+    summary = tiny_engine(callbacks=[stopper], lr=0.1, epochs=2).fit()
+    assert summary["status"] in ("completed", "stopped")
+    assert stopper.best is not None
+
+
+def test_min_delta_and_state_round_trip():
+    a = EarlyStopping("val/loss", patience=3, min_delta=0.1)
+    a.best, a.best_step, a.wait = 1.0, 10, 1
+    assert not a.improved(0.95) and a.improved(0.85) and not a.improved(float("nan"))
+    b = EarlyStopping("val/loss", patience=3, min_delta=0.1)
+    b.load_state_dict(a.state_dict())
+    assert (b.best, b.best_step, b.wait) == (1.0, 10, 1)
+    c = EarlyStopping("val/accuracy", mode="max", min_delta=0.1)
+    c.best = 0.5
+    assert not c.improved(0.55) and c.improved(0.65)
+
+
+def test_unknown_monitor_names_the_available_metrics():
+    with pytest.raises(EngineError, match=r"`val/acc`.*`val/loss`, `val/accuracy`"):
+        tiny_engine(callbacks=[EarlyStopping("val/acc")], steps=2).fit()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        EarlyStopping("val/loss", mode="lower")
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping("val/loss", patience=0)

@@ -1,0 +1,110 @@
+"""NanGuard: a non-finite loss stops the run naming the step (nothing saved after it), or its updates are skipped."""
+
+from __future__ import annotations
+
+import torch
+
+from accelengine import CheckpointConfig, Engine, LogConfig
+from accelengine.callbacks import NanGuard
+
+from .helpers import tiny_engine, weights
+from .test_ema import Snapshots
+
+
+class NanAt(Engine):
+    """The loss is NaN for the optimizer steps (1-based) in `bad`, from step `bad_from` on, or for the batches
+    (1-based, in the epoch) in `bad_batches`."""
+
+    bad: frozenset[int] = frozenset()
+    bad_from: float = float("inf")
+    bad_batches: frozenset[int] = frozenset()
+
+    def compute_loss(self, batch):
+        loss = super().compute_loss(batch)
+        step = self.state.step + 1  # the optimizer step this batch belongs to
+        if step in self.bad or step >= self.bad_from or self.state.batch_in_epoch in self.bad_batches:
+            return loss * float("nan")
+        return loss
+
+
+def nan_from(step: int) -> type[NanAt]:
+    return type("NanFrom", (NanAt,), {"bad_from": step})
+
+
+def test_stop_names_the_step_and_waits_for_the_log_step():
+    engine = tiny_engine(nan_from(3), steps=12, log_every=4, eval_every=100)
+    summary = engine.fit()
+    assert summary["status"] == "failed"
+    assert summary["stop_reason"].startswith("non-finite loss (nan) at step 3 (epoch 0)")
+    assert "max_grad_norm" in summary["stop_reason"]  # the fixes are named
+    assert summary["steps"] == 4  # found at the log step, not earlier: no read-back per step
+
+
+def test_stop_keeps_the_last_good_checkpoint_the_latest(tmp_path):
+    engine = tiny_engine(
+        nan_from(5), out_dir=tmp_path, steps=12, log_every=4, eval_every=100, checkpoint=CheckpointConfig(every_steps=2)
+    )
+    summary = engine.fit()
+    assert summary["status"] == "failed" and "at step 5" in summary["stop_reason"]
+    assert summary["steps"] == 6  # checked at step 6 because a checkpoint was due there; none was written
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved == ["step-00000002", "step-00000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip().endswith("step-00000004")
+
+
+def test_skip_drops_exactly_the_bad_updates():
+    snaps = Snapshots()
+    cls = type("NanAt35", (NanAt,), {"bad": {3, 5}})
+    guard = NanGuard(mode="skip")
+    summary = tiny_engine(cls, callbacks=[guard, snaps], steps=6, log_every=2).fit()
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert guard.skipped == [3, 5]
+    assert summary["skipped_steps"] == {"count": 2, "first": [3, 5]}
+    for step in range(1, 7):
+        before, after = snaps.seen[step - 1], snaps.seen[step]
+        assert torch.equal(before["0.weight"], after["0.weight"]) == (step in (3, 5)), step
+    assert all(torch.isfinite(v).all() for v in snaps.seen[-1].values())
+
+
+def test_skip_sees_every_micro_batch_of_an_accumulation():
+    snaps = Snapshots()
+    cls = type("NanBatch3", (NanAt,), {"bad_batches": {3}})  # the first of the two micro-batches of step 2
+    guard = NanGuard(mode="skip")
+    tiny_engine(cls, callbacks=[guard, snaps], steps=3, grad_accum=2).fit()
+    assert guard.skipped == [2]
+    # after_fit_step sees every micro-batch: seen[2] is after step 1, seen[4] after step 2, seen[6] after step 3
+    assert torch.equal(snaps.seen[4]["0.weight"], snaps.seen[2]["0.weight"])
+    assert not torch.equal(snaps.seen[6]["0.weight"], snaps.seen[4]["0.weight"])
+
+
+def test_skip_from_the_log_section_and_off():
+    engine = tiny_engine(log=LogConfig(progress=False, nan_guard="skip"))
+    (guard,) = [cb for cb in engine.callbacks if isinstance(cb, NanGuard)]
+    assert guard.mode == "skip"
+    engine = tiny_engine(log=LogConfig(progress=False, nan_guard="off"))
+    assert not any(isinstance(cb, NanGuard) for cb in engine.callbacks)
+    summary = tiny_engine(nan_from(2), log=LogConfig(progress=False, nan_guard="off"), steps=4).fit()
+    assert summary["status"] == "completed"  # unguarded: trains on
+
+
+def test_state_round_trip():
+    guard = NanGuard(mode="skip")
+    guard.skipped = [3, 9]
+    other = NanGuard(mode="skip")
+    other.load_state_dict(guard.state_dict())
+    assert other.skipped == [3, 9]
+
+
+def test_weights_untouched_before_training():
+    engine = tiny_engine(nan_from(1), steps=1)
+    w0 = weights(engine)
+    summary = engine.fit()
+    assert summary["status"] == "failed" and "at step 1" in summary["stop_reason"]
+    assert set(w0) == set(weights(engine))
+
+
+def test_stop_at_the_end_of_an_epoch_before_its_evaluation():
+    # no log step inside the epoch: the epoch's end (evaluation, maybe a checkpoint) is where it is found
+    summary = tiny_engine(nan_from(2), epochs=3, log_every=100).fit()
+    assert summary["status"] == "failed" and "at step 2 (epoch 0)" in summary["stop_reason"]
+    assert summary["steps"] == 4 and summary["epochs"] == 0  # stopped before the epoch was closed

@@ -1,0 +1,66 @@
+"""ProgressBar: plain lines when stdout is not a terminal, a redrawn bar when it is, main process only."""
+
+from __future__ import annotations
+
+import re
+
+from accelengine import LogConfig
+from accelengine.callbacks import ProgressBar
+
+from .helpers import tiny_engine
+
+
+def test_plain_lines_when_not_a_terminal(capsys):
+    tiny_engine(log=LogConfig(progress_every_s=0, console=False, param_table=False, summary=False)).fit()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert "\r" not in out  # capsys is not a terminal: no bar redraws
+    # one line per optimizer step with every_s=0, plus the final line
+    assert len(lines) == 8 + 1
+    assert re.match(r"epoch 1/2 step 1/8 1[23]% \d[\d.]* steps/s ETA \d:\d\d:\d\d$", lines[0])
+    assert "loss" in lines[2] and "val/accuracy" not in lines[2]  # the first log is at step 2, eval after step 4
+    assert "step 5/8" in lines[4] and "val/accuracy" in lines[4]  # the last evaluation's metric is shown
+    assert re.match(r"epoch 2/2 step 8/8 100% .* loss [\d.]+ val/accuracy [\d.]+ in \d:\d\d:\d\d$", lines[-1])
+
+
+def test_default_interval_prints_only_the_final_line(capsys):
+    tiny_engine(log=LogConfig(console=False, param_table=False, summary=False, progress=True)).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 1 and "step 8/8" in lines[0]
+
+
+def test_bar_on_a_terminal_clears_itself_for_console_lines(capsys):
+    bar = ProgressBar(refresh_s=0, force_tty=True, metric="val/loss")
+    tiny_engine(callbacks=[bar], log=LogConfig(param_table=False, summary=False), steps=6, log_every=3).fit()
+    out = capsys.readouterr().out
+    assert "\r\x1b[K" in out and "[##" in out and "val/loss" in out
+    # each console line starts on a clean line: the bar was cleared right before it
+    assert "\r\x1b[Kepoch 0 step 3  train/loss" in out
+    assert out.endswith("\n")
+
+
+def test_other_console_lines_do_not_start_inside_the_bar(capsys):
+    import logging
+
+    from accelengine import Callback
+
+    class Says(Callback):
+        def after_fit_step(self, engine):
+            if engine.state.step == 2:
+                logging.getLogger("accelengine").info("something happened")
+
+    bar = ProgressBar(refresh_s=0, force_tty=True)
+    tiny_engine(callbacks=[bar, Says()], log=LogConfig(console=False, param_table=False, summary=False), steps=3).fit()
+    out = capsys.readouterr().out
+    assert "\r\x1b[Ksomething happened\n" in out  # the bar was cleared right before the line
+
+
+def test_switched_off(capsys):
+    tiny_engine(log=LogConfig(progress=False, console=False, param_table=False, summary=False)).fit()
+    assert "steps/s" not in capsys.readouterr().out
+
+
+def test_steps_mode_shows_no_epoch_total(capsys):
+    tiny_engine(steps=3, log=LogConfig(progress_every_s=0, console=False, param_table=False, summary=False)).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert lines[0].startswith("epoch 1 step 1/3 ")

@@ -1,0 +1,66 @@
+"""RunFiles: the reproducibility records (env.json, the code snapshot) and the determinism warning."""
+
+from __future__ import annotations
+
+import json
+
+from accelengine import LogConfig
+from accelengine.rundir import snapshot_code
+
+from .helpers import tiny_engine
+
+
+def test_copy_code_snapshots_the_source(tmp_path, monkeypatch):
+    src = tmp_path / "project"
+    (src / "pkg").mkdir(parents=True)
+    (src / "train.py").write_text("print('hi')\n")
+    (src / "pkg" / "model.py").write_text("X = 1\n")
+    (src / "notes.txt").write_text("not code\n")
+    (src / ".venv" / "lib").mkdir(parents=True)
+    (src / ".venv" / "lib" / "site.py").write_text("")
+    old_run = src / "runs" / "old"
+    (old_run / "code").mkdir(parents=True)
+    (old_run / "env.json").write_text("{}")
+    (old_run / "code" / "train.py").write_text("")  # an earlier run's snapshot is not the user's source
+    monkeypatch.chdir(src)
+
+    out = tmp_path / "run"
+    engine = tiny_engine(out_dir=out, steps=1, log=LogConfig(progress=False, copy_code=["*.py", "pkg/**/*.py"]))
+    engine.fit()
+    assert (out / "code" / "train.py").read_text() == "print('hi')\n"
+    assert (out / "code" / "pkg" / "model.py").is_file()
+    assert not (out / "code" / "notes.txt").exists()
+    env = json.loads((out / "env.json").read_text())
+    assert env["code_snapshot"] == ["train.py", "pkg/model.py"]
+
+    copied = snapshot_code(["**/*.py"], src, tmp_path / "all")
+    assert sorted(copied) == ["pkg/model.py", "train.py"]  # no hidden folders, no run directories
+
+
+def test_code_root_is_the_engine_attribute(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("A = 1\n")
+    engine = tiny_engine(out_dir=tmp_path / "run", steps=1, log=LogConfig(progress=False, copy_code=["*.py"]))
+    engine.code_root = tmp_path / "src"
+    engine.fit()
+    assert (tmp_path / "run" / "code" / "a.py").is_file()
+
+
+def test_warns_when_not_deterministic(capsys):
+    tiny_engine(steps=1, log=LogConfig(progress=False, console=False, param_table=False, summary=False)).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "deterministic" in line]
+    assert len(lines) == 1 and "trainer.deterministic = true" in lines[0]
+
+
+def test_no_warning_when_deterministic(capsys):
+    import torch
+
+    try:
+        engine = tiny_engine(
+            steps=1, deterministic=True, log=LogConfig(progress=False, console=False, param_table=False, summary=False)
+        )
+        assert torch.are_deterministic_algorithms_enabled()
+        engine.fit()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert "deterministic" not in capsys.readouterr().out

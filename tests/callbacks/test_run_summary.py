@@ -1,0 +1,52 @@
+"""RunSummary: best metric and when, stop reason, speed; printed and written to summary.json."""
+
+from __future__ import annotations
+
+import json
+
+from accelengine import CheckpointConfig, LogConfig
+from accelengine.callbacks import EarlyStopping, RunSummary
+from accelengine.callbacks.progress import lower_is_better
+
+from .helpers import Recorder, tiny_engine
+
+
+def test_best_is_tracked_and_printed(tmp_path, capsys):
+    rec = Recorder()
+    engine = tiny_engine(callbacks=[rec], out_dir=tmp_path, steps=6, eval_every=2, log=LogConfig(progress=False))
+    summary = engine.fit()
+    accuracies = rec.values("val/accuracy")
+    best_step, best = max(accuracies, key=lambda sv: (sv[1], -sv[0]))
+    assert summary["best"]["metric"] == "val/accuracy" and summary["best"]["mode"] == "max"
+    assert (summary["best"]["step"], summary["best"]["value"]) == (best_step, best)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["best"] == summary["best"] and on_disk["status"] == "completed"
+    out = capsys.readouterr().out
+    assert "run completed in 0:00:0" in out and "6 steps" in out and "steps/s" in out
+    assert f"best val/accuracy {best:.4g} at step {best_step}" in out
+
+
+def test_monitor_from_the_checkpoint_section_and_the_stop_reason(capsys):
+    stopper = EarlyStopping("val/loss", patience=1)
+    engine = tiny_engine(
+        callbacks=[stopper], lr=0.0, steps=10, eval_every=1, checkpoint=CheckpointConfig(monitor="val/loss", mode="min")
+    )
+    summary = engine.fit()
+    assert summary["best"]["metric"] == "val/loss" and summary["best"]["mode"] == "min"
+    assert summary["best"]["step"] == 1
+    assert "stop reason: early stopping: val/loss" in capsys.readouterr().out
+
+
+def test_state_round_trip_and_quiet_mode(capsys):
+    a = RunSummary()
+    a.best = {"metric": "val/loss", "mode": "min", "value": 0.5, "step": 3, "epoch": 1}
+    b = RunSummary(print_summary=False)
+    b.load_state_dict(a.state_dict())
+    assert b.best == a.best
+    tiny_engine(callbacks=[b], steps=1, log=LogConfig(progress=False, console=False, param_table=False)).fit()
+    assert "run completed" not in capsys.readouterr().out
+
+
+def test_direction_from_the_name():
+    assert lower_is_better("val/loss") and lower_is_better("val/word_error") and lower_is_better("test/ppl")
+    assert not lower_is_better("val/accuracy") and not lower_is_better("val/f1") and not lower_is_better("val/lossless")

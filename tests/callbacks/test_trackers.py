@@ -1,0 +1,126 @@
+"""Trackers through Accelerate: TensorBoard by default, train and eval curves apart, run identity for resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from accelengine import Callback, CheckpointConfig, EngineError, LogConfig
+from accelengine.callbacks import Trackers
+from accelengine.recipe import validate
+
+from .helpers import tiny_engine
+
+pytest.importorskip("tensorboard")
+
+
+def scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_by_default_with_train_and_val_apart(tmp_path):
+    engine = tiny_engine(out_dir=tmp_path)  # 2 epochs of 4 steps, log every 2, evaluate every epoch
+    engine.fit()
+    tracker = next(cb for cb in engine.callbacks if isinstance(cb, Trackers))
+    assert tracker.runs == {"tensorboard": "trackers/accelengine"}  # relative to the run directory
+    got = scalars(tmp_path / "trackers" / "accelengine")
+    assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 8]
+    assert [s for s, _ in got["val/accuracy"]] == [4, 8]
+    assert [s for s, _ in got["val/loss"]] == [4, 8]
+    assert [s for s, _ in got["train/lr"]] == [2, 4, 6, 8]
+    assert got["val/accuracy"][-1][1] == pytest.approx(engine.state.last_eval["val/accuracy"])
+    assert engine.summary()["trackers"] == {"tensorboard": "trackers/accelengine"}
+
+
+def test_no_trackers_without_a_run_directory_or_when_switched_off(tmp_path):
+    assert tiny_engine().accelerator.log_with == []
+    engine = tiny_engine(out_dir=tmp_path, log=LogConfig(progress=False, trackers=[]))
+    engine.fit()
+    assert engine.accelerator.log_with == [] and not (tmp_path / "trackers").exists()
+
+
+def test_state_dict_reopens_the_same_tensorboard_run(tmp_path):
+    first = tiny_engine(out_dir=tmp_path / "a", steps=6, log_every=2, log=LogConfig(progress=False, project="p"))
+    first.fit()
+    saved = next(cb for cb in first.callbacks if isinstance(cb, Trackers)).state_dict()
+    assert saved == {"project": "p", "runs": {"tensorboard": "trackers/p"}}
+
+    # The run directory was moved (a copy resumed elsewhere): "resume" at step 4 there. Events go to the same
+    # place inside it, and what the first run logged after step 4 is purged so the curve is not doubled.
+    (tmp_path / "a").rename(tmp_path / "b")
+    second = tiny_engine(out_dir=tmp_path / "b", steps=8, log_every=2)  # project: from the saved state
+    tracker = next(cb for cb in second.callbacks if isinstance(cb, Trackers))
+    tracker.load_state_dict(saved)
+    second.setup()
+    second.state.step = 4  # as a resume from a step-4 checkpoint leaves it
+    tracker.before_fit(second)
+    second.log({"train/loss": 123.0})
+    second.state.step = 6
+    second.log({"train/loss": 456.0})
+    tracker.after_fit(second)
+    assert tracker.state_dict() == saved
+    got = scalars(tmp_path / "b" / "trackers" / "p")["train/loss"]
+    assert [s for s, _ in got] == [2, 4, 4, 6]  # steps 2 and 4 from the first run, then the resumed ones
+    assert got[-1][1] == 456.0
+
+
+class Crash(Callback):
+    def after_fit_step(self, engine):
+        if engine.state.step == 6:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_resumed_run_continues_the_same_curves(tmp_path):
+    checkpoints = CheckpointConfig(every_steps=4, at_end=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_engine(callbacks=[Crash()], out_dir=tmp_path, steps=8, eval_every=4, checkpoint=checkpoints).fit()
+    resumed = tiny_engine(
+        out_dir=tmp_path,
+        steps=8,
+        eval_every=4,
+        checkpoint=checkpoints,
+        resume_from=tmp_path / "checkpoints" / "step-00000004",
+    )
+    resumed.fit()
+    (tracker,) = [cb for cb in resumed.callbacks if isinstance(cb, Trackers)]
+    got = scalars(tmp_path / tracker.runs["tensorboard"])
+    # the crashed run logged train/loss at 2, 4, 6; the resume (from step 4) at 6, 8: step 6 appears once
+    assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 8]
+    assert [s for s, _ in got["val/accuracy"]] == [4, 8]
+
+
+def test_unknown_or_missing_trackers_are_refused(tmp_path):
+    with pytest.raises(EngineError, match="unknown tracker `tensorbord`"):
+        tiny_engine(out_dir=tmp_path, log=LogConfig(trackers=["tensorbord"]))
+    if not _installed("aim"):
+        with pytest.raises(EngineError, match=r"tracker `aim` is not installed.*pip install aim"):
+            tiny_engine(out_dir=tmp_path, log=LogConfig(trackers=["aim"]))
+
+
+def test_recipe_log_section_is_validated():
+    base = {
+        "model": {"_component_": "mlp", "in_features": 8, "out_features": 3},
+        "loss": "cross_entropy",
+        "optim": "sgd",
+        "data": {"train": {"dataset": "synthetic_classification"}},
+        "trainer": {"epochs": 1},
+    }
+    recipe = validate({**base, "log": {"trackers": ["tensorboard"], "tracker_kwargs": {"tensorboard": {"a": [1]}}}})
+    assert recipe.log.trackers == ["tensorboard"] and recipe.log.tracker_kwargs == {"tensorboard": {"a": [1]}}
+    from accelengine import RecipeError
+
+    with pytest.raises(RecipeError, match=r"log.trackers\[0\].*unknown tracker `wandbb`"):
+        validate({**base, "log": {"trackers": ["wandbb"]}})
+    with pytest.raises(RecipeError, match=r"log\.progres"):
+        validate({**base, "log": {"progres": False}})
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

@@ -1,0 +1,250 @@
+"""Real processes killed with real signals, re-run with the same command: the result is bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accelengine import Callback
+from accelengine.checkpoint import find_latest
+from accelengine.preemption import EXIT_PREEMPTED
+
+from .conftest import ROOT
+
+SLOW = """
+import time
+from accelengine import Callback
+
+class Slow(Callback):
+    '''Makes a tiny run last long enough to be killed at a chosen moment.'''
+    def __init__(self, seconds: float = 0.02):
+        super().__init__()
+        self.seconds = seconds
+
+    def after_fit_step(self, engine):
+        time.sleep(self.seconds)
+"""
+
+RECIPE = """
+name = "killable"
+seed = 3
+model = {{ _component_ = "mlp", in_features = 16, hidden = [{hidden}], out_features = 4, dropout = 0.1 }}
+loss = "cross_entropy"
+optim = {{ _component_ = "adamw", lr = 1e-3 }}
+scheduler = {{ _component_ = "cosine", warmup_steps = 5 }}
+[[callbacks]]
+_component_ = "slow.Slow"
+seconds = {sleep}
+[metrics]
+accuracy = "accuracy"
+[data]
+batch_size = 8
+[data.train]
+dataset = {{ _component_ = "synthetic_classification", samples = 100 }}
+[data.val]
+dataset = {{ _component_ = "synthetic_classification", samples = 40, seed = 1 }}
+[trainer]
+steps = {steps}
+log_every = 1
+eval_every = 10
+grad_accum = {accum}
+device = "cpu"
+[checkpoint]
+every_steps = {every}
+keep_last = 2
+[log]
+progress = false
+"""
+
+
+def write_recipe(tmp_path, *, hidden=64, sleep=0.02, steps=40, accum=1, every=3):
+    (tmp_path / "slow.py").write_text(SLOW)
+    path = tmp_path / f"r{hidden}-{accum}.toml"
+    path.write_text(RECIPE.format(hidden=hidden, sleep=sleep, steps=steps, accum=accum, every=every))
+    return path
+
+
+def command(recipe, out, processes=1):
+    if processes == 1:
+        return [sys.executable, "-m", "accelengine", "run", str(recipe), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "accelengine",
+        "run",
+        str(recipe),
+        "--out",
+        str(out),
+    ]
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")} | {"PYTHONUNBUFFERED": "1"}
+
+
+def start(recipe, out, processes=1):
+    return subprocess.Popen(
+        command(recipe, out, processes),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(recipe, out, processes=1):
+    res = subprocess.run(
+        command(recipe, out, processes), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def final_state(out):
+    ckpt = find_latest(Path(out) / "checkpoints")
+    return load_file(ckpt / "model.safetensors"), load_file(ckpt / "optimizer.safetensors")
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    keys = ("train/loss", "train/lr", "val/loss", "val/accuracy")
+    return [(r["step"], {k: r[k] for k in keys if k in r}) for r in rows if any(k in r for k in keys)]
+
+
+def assert_same_run(a, b):
+    (ma, oa), (mb, ob) = final_state(a), final_state(b)
+    assert ma.keys() == mb.keys() and oa.keys() == ob.keys()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert losses(a) == losses(b)
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_even_while_saving(tmp_path):
+    # a wider model makes each save take a while, so the kills below land inside checkpoint writes
+    recipe = write_recipe(tmp_path, hidden=1024, sleep=0.0, steps=30, every=2)
+    finish(recipe, tmp_path / "straight")
+    out = tmp_path / "killed"
+    ckpts = out / "checkpoints"
+    kills_during_save = 0
+    delays = [random.uniform(0.3, 2.5) for _ in range(2)]
+    print("random kill delays after the first checkpoint:", delays)  # to replay a failure
+    for attempt in range(4):
+        proc = start(recipe, out)
+        if attempt % 2 == 0:  # at a random instant
+            wait_for(lambda: find_latest(ckpts) is not None)
+            time.sleep(delays[attempt // 2])
+            in_save = False
+        else:  # while a save is in flight (a temporary directory exists)
+            in_save = wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir()))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills_during_save += in_save and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+    assert kills_during_save >= 1  # the interesting case really happened
+    finish(recipe, out)
+    assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+    assert_same_run(tmp_path / "straight", out)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_then_resumes(tmp_path):
+    recipe = write_recipe(tmp_path, sleep=0.03, steps=30, accum=2)
+    finish(recipe, tmp_path / "straight")
+    out = tmp_path / "preempted"
+    proc = start(recipe, out)
+    assert wait_for(lambda: find_latest(out / "checkpoints") is not None)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10, "must stop within seconds, not at the end of the epoch"
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "preempted" and 0 < summary["steps"] < 30
+    assert find_latest(out / "checkpoints").name == f"step-{summary['steps']:08d}"
+    finish(recipe, out)
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert_same_run(tmp_path / "straight", out)
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_to_one_rank(tmp_path):
+    import psutil
+
+    recipe = write_recipe(tmp_path, sleep=0.03, steps=16, accum=2)
+    finish(recipe, tmp_path / "straight", processes=2)
+    out = tmp_path / "preempted"
+    proc = start(recipe, out, processes=2)
+    assert wait_for(lambda: find_latest(out / "checkpoints") is not None)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "accelengine" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)  # only one rank gets the signal: both must agree to stop at the same step
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["world_size"] == 2
+    finish(recipe, out, processes=2)
+    assert_same_run(tmp_path / "straight", out)
+
+
+class SignalDuringEval(Callback):
+    """Sends SIGTERM to this very process in the middle of the first evaluation at `step`."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.sent = step, False
+
+    def after_eval_step(self, engine):
+        if engine.state.step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_inside_evaluation(tmp_path):
+    from tests.test_restart import build, logged
+
+    straight = build(tmp_path / "straight", steps=12)
+    straight.fit()
+    out = tmp_path / "run"
+    first = build(out, steps=12, callbacks=[SignalDuringEval(step=4)])
+    summary = first.fit()
+    assert summary["status"] == "preempted" and summary["steps"] == 4
+    assert first.state.last_eval_step != 4  # the interrupted evaluation was not recorded as done
+    resumed = build(out, steps=12, resume=find_latest(out / "checkpoints"))
+    resumed.fit()
+    for k, v in straight.unwrapped_model().state_dict().items():
+        assert torch.equal(v, resumed.unwrapped_model().state_dict()[k])
+    assert logged(out) == logged(tmp_path / "straight")

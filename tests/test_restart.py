@@ -1,0 +1,253 @@
+"""Exact restart: a run interrupted and resumed equals an uninterrupted one, bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from accelengine import MLP, Accuracy, Callback, CheckpointConfig, DataConfig, Engine, EngineError, TrainerConfig
+from accelengine.checkpoint import find_latest, read_checkpoint
+from accelengine.examples.synthetic import classification
+from accelengine.restart import plan_resume
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    """Dies (like a killed process, without a final checkpoint) once `step` optimizer steps are done."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def after_fit_step(self, engine):
+        if engine.state.step >= self.step:
+            raise Crash()
+
+
+def build(out_dir, *, steps=None, epochs=None, grad_accum=None, every_steps=4, callbacks=(), resume=None, dropout=0.1):
+    torch.manual_seed(123)  # the model's initial weights; the engine seeds everything else itself
+    data = {
+        "train": classification(samples=90, features=8, classes=3),
+        "val": classification(samples=30, features=8, classes=3, seed=1),
+    }
+    return Engine(
+        model=MLP(8, 3, hidden=[16], dropout=dropout),  # dropout: the resumed RNG must be exact too
+        data=data,
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        scheduler=lambda opt, total_steps: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7),
+        metrics={"accuracy": Accuracy()},
+        callbacks=list(callbacks),
+        config=TrainerConfig(
+            steps=steps, epochs=epochs, grad_accum=grad_accum, log_every=3, eval_every=2 if steps else 1, device="cpu"
+        ),
+        data_config=DataConfig(batch_size=8),
+        checkpoint_config=CheckpointConfig(every_steps=every_steps, keep_last=2),
+        seed=7,
+        out_dir=out_dir,
+        resume_from=resume,
+    )
+
+
+def weights_and_optimizer(engine):
+    model = {k: v.clone() for k, v in engine.unwrapped_model().state_dict().items()}
+    opt = engine.optimizer.state_dict()["state"]
+    return model, {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()} for k, v in opt.items()}
+
+
+def logged(out_dir):
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    keep = ("train/loss", "train/lr", "val/loss", "val/accuracy")
+    return [{k: r[k] for k in ("step", "epoch", *keep) if k in r} for r in records if any(k in r for k in keep)]
+
+
+def assert_identical(a, b):
+    (ma, oa), (mb, ob) = weights_and_optimizer(a), weights_and_optimizer(b)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    assert oa.keys() == ob.keys()
+    for k in oa:
+        for n in oa[k]:
+            assert torch.equal(torch.as_tensor(oa[k][n]), torch.as_tensor(ob[k][n])), (k, n)
+
+
+def interrupted_then_resumed(tmp_path, crash_step, **kw):
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        build(out, callbacks=[CrashAt(crash_step)], **kw).fit()
+    latest = find_latest(out / "checkpoints")
+    assert latest is not None
+    engine = build(out, resume=plan_resume(out, "auto"), **kw)
+    engine.fit()
+    return engine, out
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(steps=30, crash_step=10),  # mid-epoch (12 batches per epoch), checkpoint at 8
+        dict(steps=30, crash_step=13, every_steps=12),  # exactly at an epoch boundary
+        dict(epochs=4, crash_step=20),  # epochs mode
+        dict(steps=12, crash_step=7, grad_accum=5),  # accumulation: 12 batches = steps at batches 5, 10 and 12
+    ],
+    ids=["mid-epoch", "epoch-boundary", "epochs-mode", "grad-accum"],
+)
+def test_resume_is_bit_exact(tmp_path, case):
+    crash = case.pop("crash_step")
+    straight = build(tmp_path / "straight", **case)
+    straight.fit()
+    resumed, out = interrupted_then_resumed(tmp_path, crash, **case)
+    assert resumed.state.step == straight.state.step
+    assert_identical(straight, resumed)
+    assert logged(out) == logged(tmp_path / "straight")  # every record once, same values
+    assert json.loads((out / "summary.json").read_text())["final"] == straight.state.last_eval
+
+
+def test_resume_skips_by_index_not_by_loading(tmp_path):
+    """Resuming mid-epoch must not fetch the skipped batches."""
+    fetched = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.base = classification(samples=90, features=8, classes=3)
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            fetched.append(i)
+            return self.base[i]
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        build(out, steps=10, callbacks=[CrashAt(9)]).fit()
+    engine = build(out, steps=10, resume=plan_resume(out, "auto"))
+    engine.loaders["train"] = Counting()
+    engine.setup()
+    fetched.clear()
+    engine.fit()
+    # checkpoint at step 8 of 12 per epoch: the 8 skipped batches (64 samples) are never fetched; the 2 remaining
+    # batches are, plus the one batch Accelerate's loader reads ahead
+    assert len(fetched) == 3 * 8
+
+
+def test_no_checkpoint_means_fresh_start_with_rewound_log(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        build(out, steps=12, every_steps=None, callbacks=[CrashAt(5)]).fit()
+    assert find_latest(out / "checkpoints") is None and (out / "metrics.jsonl").read_text()
+    assert plan_resume(out, "auto") is None
+    build(out, steps=12).fit()
+    build(tmp_path / "straight", steps=12).fit()
+    assert logged(out) == logged(tmp_path / "straight")
+
+
+def test_resume_never_refuses_a_non_empty_directory(tmp_path):
+    build(tmp_path / "run", steps=2).fit()
+    with pytest.raises(EngineError, match="--resume never"):
+        plan_resume(tmp_path / "run", "never")
+
+
+def test_finished_run_without_checkpoint_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    engine = build(out, steps=2, every_steps=None)
+    engine.checkpoint_config.at_end = False
+    engine.fit()
+    with pytest.raises(EngineError, match="finished run"):
+        plan_resume(out, "auto")
+
+
+def test_changed_recipe_is_refused(tmp_path):
+    out = tmp_path / "run"
+    engine = build(out, steps=4)
+    engine.recipe = {"model": {"_component_": "mlp", "hidden": [16]}, "seed": 7}
+    engine.fit()
+    other = build(out, steps=8, resume=plan_resume(out, "auto"))
+    other.recipe = {"model": {"_component_": "mlp", "hidden": [32]}, "seed": 7}
+    with pytest.raises(EngineError, match="model"):
+        other.fit()
+    longer = build(out, steps=8, resume=plan_resume(out, "auto"))  # more steps is a change a resume can follow
+    longer.recipe = {"model": {"_component_": "mlp", "hidden": [16]}, "seed": 7}
+    assert longer.fit()["steps"] == 8
+
+
+def test_model_shape_mismatch_is_refused(tmp_path):
+    out = tmp_path / "run"
+    build(out, steps=4).fit()
+    engine = build(out, steps=8, resume=find_latest(out / "checkpoints"))
+    engine.model = MLP(8, 3, hidden=[32])
+    with pytest.raises(EngineError, match="does not fit"):
+        engine.fit()
+
+
+def test_init_from_checkpoint_or_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    trained = build(out, steps=6)
+    trained.fit()
+    weights = {k: v.clone() for k, v in trained.unwrapped_model().state_dict().items()}
+    ckpt = find_latest(out / "checkpoints")
+    save_file(weights, tmp_path / "w.safetensors")
+    for source in (ckpt, tmp_path / "w.safetensors", out):
+        engine = build(None, steps=1)
+        engine.checkpoint_config.init_from = str(source)
+        engine.setup()
+        got = engine.unwrapped_model().state_dict()
+        assert all(torch.equal(got[k], weights[k]) for k in weights)
+        assert not engine.optimizer.state_dict()["state"]  # a fresh optimizer
+
+
+def test_checkpoint_contents(tmp_path):
+    out = tmp_path / "run"
+    build(out, steps=8).fit()
+    ckpt = read_checkpoint(find_latest(out / "checkpoints"))
+    assert {"model", "optimizer", "scheduler", "engine", "callbacks", "rng", "running"} <= set(ckpt.parts)
+    assert ckpt.meta["step"] == 8 and ckpt.meta["world_size"] == 1 and "versions" in ckpt.meta
+    assert {p.suffix for p in ckpt.path.iterdir()} <= {".json", ".safetensors"}
+    # keep_last=2: two cadence checkpoints remain (4 and 8; 8 is also the end)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-00000004", "step-00000008"]
+
+
+def test_damaged_checkpoint_is_named_and_auto_falls_back(tmp_path):
+    from .conftest import run_cli
+
+    out = tmp_path / "run"
+    build(out, steps=8).fit()  # checkpoints at 4 and 8
+    newest = find_latest(out / "checkpoints")
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(data))
+    assert plan_resume(out, "auto").name == "step-00000004"
+    with pytest.raises(EngineError, match=r"model\.safetensors"):
+        plan_resume(out, str(newest))
+    for args in (("inspect", str(newest)), ("export", str(newest), "--out", str(tmp_path / "w.safetensors"))):
+        res = run_cli(*args)
+        assert res.returncode == 2 and "model.safetensors" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pickle_payload_in_checkpoint_is_never_unpickled(tmp_path):
+    import pickle
+
+    out = tmp_path / "run"
+    build(out, steps=4).fit()
+    ckpt = find_latest(out / "checkpoints")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("optimizer.bin", "random_states_0.pkl", "model.pt"):
+        (ckpt / name).write_bytes(pickle.dumps(Payload()))
+    engine = build(out, steps=8, resume=plan_resume(out, "auto"))
+    engine.fit()
+    assert not marker.exists() and engine.state.step == 8
