@@ -3,7 +3,8 @@
     from accelengine import Engine, TrainerConfig
     summary = Engine(model, {"train": ds}, loss=loss, optimizer=make_opt, config=TrainerConfig(epochs=3)).fit()
 
-or from a recipe: `accelengine run recipe.toml` / `accelengine.run("recipe.toml")`.
+or from a recipe: `accelengine run recipe.toml` / `accelengine.run("recipe.toml")`; sessions of experiments with
+`accelengine.run_session("session.toml")`; `accelengine.evaluate` and `accelengine.export_weights` for checkpoints.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from accelengine.engine import CheckpointConfig, DataConfig, Engine, LogConfig, 
 from accelengine.errors import EngineError, RecipeError
 from accelengine.metrics import Accuracy, MeanLoss
 from accelengine.models import MLP
-from accelengine.runner import run
+from accelengine.runner import evaluate, export_weights, run
 from accelengine.state import State
+from accelengine.sweep import expand, run_session
 
 __all__ = [
     "HOOKS",
@@ -33,5 +35,9 @@ __all__ = [
     "State",
     "TrainerConfig",
     "__version__",
+    "evaluate",
+    "expand",
+    "export_weights",
     "run",
+    "run_session",
 ]

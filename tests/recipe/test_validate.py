@@ -164,3 +164,12 @@ def test_resolved_recipe_round_trips():
     again = validate(parse_toml(dump_toml(resolved)))
     assert recipe_to_dict(again) == resolved
     assert resolved["trainer"]["log_every"] == 10 and resolved["data"]["batch_size"] == 32
+
+
+def test_reference_doc_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from accelengine.recipe.reference import reference_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: accelengine reference > docs/recipe-reference.md"
