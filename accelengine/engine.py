@@ -338,7 +338,7 @@ class Engine:
                 self._run_hook("after_fit_epoch")
                 continue
             break
-        if self._running_count:
+        if self._running_count and not state.preempted:  # a preempted run continues this window after its resume
             self._log_train()
 
     def _evaluate_within(self, unit: str) -> None:
