@@ -28,12 +28,13 @@ and only then updates `latest` and rotates (old checkpoints are renamed away at 
 thread; `CheckpointManager.wait()` waits for that). The checksum of each big file is computed from memory on a
 worker thread while the file is written, so nothing is read back.
 
-Reading checks the manifest and the size and checksum of every file it will parse before parsing any (other listed
-files are size-checked); files the manifest does not list are never opened. Each file is read once: into memory the
-process owns (not memory-mapped: a mapping would pin the file, so a checkpoint deleted by rotation after a resume
-would keep its disk space, and leave .nfs files on NFS, until exit), hashed chunk by chunk as it arrives, and the
-tensors of a verified `.safetensors` file are then views into that same buffer (no second read, no copy; the
-buffer, as big as the file, is freed with the last of its tensors). Tensors come back on the CPU as plain tensors;
+Reading checks the manifest and the size and checksum of every file it will read before decoding any part (other
+listed files are size-checked); files the manifest does not list are never opened. Each file is read exactly once,
+in one pass that hashes every chunk as it arrives: a `.safetensors` file's header (held to the layout this module
+writes: tensors tiling the data exactly) directs its tensors' bytes straight into one new tensor each, in memory
+the process owns, and nothing read is used before the whole file has matched its checksum. No memory mapping: a
+mapping would pin the file, so a checkpoint deleted by rotation after a resume would keep its disk space (and
+leave .nfs files on NFS) until exit. Tensors come back on the CPU as plain tensors, each with its own storage;
 storage shared between tensors when saved is not preserved (each is stored on its own). One writer per root.
 
 What the checksums are for: they detect damage (a truncated or partly written file, a bad disk or transfer, a file
@@ -85,8 +86,8 @@ _TAG = "$t"
 _HASH_CHUNK = 1 << 20  # 1 MiB reads stay in L2 while being hashed; measured faster than 256 KiB or 8 MiB here
 _WRITE_CHUNK = 8 << 20
 _MAX_MANIFEST_BYTES = 64 << 20
-# Checksum algorithms a manifest may name (hex digest length); saves use the first. xxh3-128 runs at >10 GB/s, so
-# checking a checkpoint costs about as much as reading it; sha256 (~1.7 GB/s here) is what earlier saves wrote.
+# Checksum algorithms a manifest may name (and their hex digest length); saves use `_CHECKSUM`. xxh3-128 hashes at
+# >10 GB/s, so checking a file costs a small part of reading it; sha256 (~1.7 GB/s here) is what earlier saves wrote.
 _CHECKSUMS: dict[str, tuple[Callable[[], Any], int]] = {
     "xxh3_128": (xxhash.xxh3_128, 32),
     "sha256": (hashlib.sha256, 64),

@@ -48,8 +48,8 @@ class HFTable(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         # torch's fetcher calls this with the whole batch of indices; the result is already collated
         if self.columns is not None:
-            index = torch.as_tensor(indices)
-            return {k: v[index] for k, v in self.columns.items()}
+            index = torch.tensor(indices, dtype=torch.long)
+            return {k: v.index_select(0, index) for k, v in self.columns.items()}
         return self.table[indices]
 
 
@@ -67,8 +67,8 @@ class TensorTable(Dataset):
         return tuple(t[index] for t in self.tensors)
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        index = torch.as_tensor(indices)
-        return [t[index] for t in self.tensors]
+        index = torch.tensor(indices, dtype=torch.long)
+        return [t.index_select(0, index) for t in self.tensors]
 
 
 class EpochShuffle(Sampler[int]):

@@ -116,6 +116,8 @@ class Engine:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
         set_seed(seed, deterministic=self.config.deterministic)
         self.accelerator = self._make_accelerator()
+        self._is_main = self.accelerator.is_main_process
+        self._distributed = self.accelerator.num_processes > 1
         self.loss_fn = loss
         self.model = model
         self._optimizer_arg, self._scheduler_arg = optimizer, scheduler
@@ -177,7 +179,7 @@ class Engine:
 
     @property
     def is_main_process(self) -> bool:
-        return self.accelerator.is_main_process
+        return self._is_main  # Accelerate rebuilds its state object on every `is_main_process` call
 
     @property
     def train_loader(self) -> Any:
@@ -427,7 +429,10 @@ class Engine:
         if tensors:  # monitors' device values (a gradient norm) come back in the same read as the losses
             keys += list(tensors)
             parts.append(torch.stack([t.detach().float().reshape(()).to(parts[0].device) for t in tensors.values()]))
-        values = self.accelerator.reduce(torch.cat(parts), reduction="mean").tolist()  # the one sync per log step
+        values = torch.cat(parts)
+        if self._distributed:
+            values = self.accelerator.reduce(values, reduction="mean")
+        values = values.tolist()  # the one host-device sync per log step
         self._running.clear()
         self._running_count = 0
         record = dict(zip(keys, values, strict=True))

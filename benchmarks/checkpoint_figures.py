@@ -106,6 +106,7 @@ def _measure(params: int, runs: int, where: Path) -> dict[str, Any]:
     model_sd, opt_sd = make_state(params)
     opt_flat = flat_optimizer_tensors(opt_sd)
     nbytes = sum(t.numel() * t.element_size() for t in [*model_sd.values(), *opt_flat.values()])
+    params = sum(t.numel() for t in model_sd.values())
     ours_root, plain_root = where / "ours", where / "plain"
     mgr = CheckpointManager(ours_root, keep_last=1)
     step = 0
@@ -147,13 +148,21 @@ def _measure(params: int, runs: int, where: Path) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     load_base = "load_plain_pread" if PREAD else "load_plain_touched"
+
+    def paired(a: str, b: str) -> float:
+        """Median of each run's own ratio: the two were measured back to back, so drift cancels out."""
+        return round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 3)
+
     return {
         "state_mb": round(nbytes / 1e6, 1),
+        "params": params,
         "runs": runs,
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "save_ratio": round(med["save"] / med["save_plain"], 3),
+        "save_ratio_paired": paired("save", "save_plain"),
         "save_ratio_vs_overwrite": round(med["save"] / med["save_plain_overwrite"], 3),
         "load_ratio": round(med["load"] / med[load_base], 3),
+        "load_ratio_paired": paired("load", load_base),
         "load_baseline": load_base,
         "load_ratio_vs_touched": round(med["load"] / med["load_plain_touched"], 3),
         "load_ratio_vs_lazy_mmap": round(med["load"] / med["load_plain_mmap"], 1),

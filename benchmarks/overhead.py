@@ -9,12 +9,17 @@ each figure is the median over rounds of the steady-state time per step (after w
 
 `engine_us` is measured with the engine's default callbacks; `engine_bare_us` with none (the loop alone). All three
 use the same loader (`accelengine.data.make_loader`: a batch per read); `raw_plain_loader_us` is the bare loop with a
-plain `DataLoader` (a sample per read, then collation), for reference.
+plain `DataLoader` (a sample per read, then collation), for reference. The engine's console output (progress line,
+log lines) is discarded while it is timed. `*_paired` ratios are the median over rounds of each round's own ratio
+(the contestants of a round run back to back, so drift in the machine's speed cancels out); on a shared machine
+they are steadier than the ratio of the medians. `*_of_minimums` compare each contestant's fastest run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import time
@@ -24,6 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from accelengine.data import make_loader
+
+LOG_EVERY = 50  # the engine's training log (one read-back of the losses) every 50 steps
 
 
 def make_workload(hidden: int, batch: int, batches: int, seed: int = 0):
@@ -103,16 +110,18 @@ def time_engine(dataset, make_model, batch: int, steps: int, warmup: int, callba
         loss=nn.CrossEntropyLoss(),
         optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
         callbacks=[clock],
-        config=TrainerConfig(steps=steps + warmup, log_every=50, device="cpu"),
+        config=TrainerConfig(steps=steps + warmup, log_every=LOG_EVERY, device="cpu"),
         data_config=DataConfig(batch_size=batch),
     )
     if not callbacks:
         engine.callbacks = [clock]
-    engine.fit()
+    with contextlib.redirect_stdout(io.StringIO()):  # the progress and log lines are not part of the figure
+        engine.fit()
     return (clock.end - clock.start) / steps
 
 
 def measure(hidden: int = 32, batch: int = 64, steps: int = 300, warmup: int = 50, rounds: int = 7) -> dict:
+    """Median seconds per step of each contestant (as microseconds) and the ratios; see the module docstring."""
     torch.set_num_threads(1)
     import logging
 
@@ -135,7 +144,13 @@ def measure(hidden: int = 32, batch: int = 64, steps: int = 300, warmup: int = 5
     result["engine_vs_raw"] = round(result["engine_us"] / result["raw_us"], 3)
     result["engine_bare_vs_raw"] = round(result["engine_bare_us"] / result["raw_us"], 3)
     result["accelerate_vs_raw"] = round(result["accelerate_us"] / result["raw_us"], 3)
-    result.update(hidden=hidden, batch=batch, steps=steps, rounds=rounds, threads=1)
+    result["engine_vs_accelerate"] = round(result["engine_us"] / result["accelerate_us"], 3)
+    for name, over in (("engine", "raw"), ("engine_bare", "raw"), ("engine", "accelerate")):
+        paired = statistics.median(a / b for a, b in zip(runs[f"{name}_us"], runs[f"{over}_us"], strict=True))
+        result[f"{name}_vs_{over}_paired"] = round(paired, 3)
+        # the least disturbed run of each: on a shared machine, noise only ever adds time
+        result[f"{name}_vs_{over}_of_minimums"] = round(min(runs[f"{name}_us"]) / min(runs[f"{over}_us"]), 3)
+    result.update(hidden=hidden, batch=batch, steps=steps, warmup=warmup, rounds=rounds, threads=1, log_every=LOG_EVERY)
     return result
 
 
@@ -145,16 +160,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: under a minute")
+    ap.add_argument("--warmup", type=int, default=50, help="steps before the clock starts, in every run")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds (200 and 10): under a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
     steps, rounds = (200, 10) if args.quick else (args.steps, args.rounds)
-    result = measure(args.hidden, args.batch, steps=steps, rounds=rounds)
+    result = measure(args.hidden, args.batch, steps=steps, warmup=args.warmup, rounds=rounds)
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>16}: {v}")
+            print(f"{k:>26}: {v}")
 
 
 if __name__ == "__main__":

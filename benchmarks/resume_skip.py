@@ -28,6 +28,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,11 @@ def make_dataset(batches: int) -> TensorDataset:
 
 
 def make_engine(
-    dataset: TensorDataset, out_dir: Path | None, steps: int, resume_from: Path | None = None, callbacks=()
+    dataset: TensorDataset,
+    out_dir: Path | None,
+    steps: int,
+    resume_from: Path | None = None,
+    callbacks: Iterable[Any] = (),
 ) -> Any:
     """The engine of this benchmark: a tiny MLP, SGD, batch 8, the default callbacks without console output."""
     from accelengine import DataConfig, Engine, LogConfig, TrainerConfig

@@ -514,3 +514,83 @@ def test_two_processes_save_collectively(tmp_path):
     ckpt = tmp_path / "ckpts" / "step-00000002"
     assert verify_checkpoint(ckpt)["world_size"] == 2
     assert read_checkpoint(ckpt, rank=1).parts.keys() == {"model", "rng"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checksums and the single-pass read
+
+
+def _rewrite_manifest(path, edit):
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifests_with_sha256_checksums_of_earlier_saves_are_still_read(tmp_path):
+    import hashlib
+
+    model, opt, _ = trained(lambda p: torch.optim.AdamW(p, lr=1e-3))
+    path = CheckpointManager(tmp_path).save(
+        "step-00000003", shared={"model": model.state_dict(), "opt": opt.state_dict()}
+    )
+
+    def to_sha256(manifest):
+        for f in manifest["files"]:
+            assert set(f) == {"name", "size", "xxh3_128"}  # what saves write now
+            del f["xxh3_128"]
+            f["sha256"] = hashlib.sha256((path / f["name"]).read_bytes()).hexdigest()
+
+    _rewrite_manifest(path, to_sha256)
+    assert_same(read_checkpoint(path).parts["model"], model.state_dict())
+    assert find_latest(tmp_path) == path
+    _flip(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*sha256"):
+        read_checkpoint(path)
+
+
+def test_an_unknown_checksum_algorithm_is_a_clear_error(tmp_path):
+    path = save_one(tmp_path)
+
+    def to_md5(manifest):
+        manifest["files"][0]["md5"] = manifest["files"][0].pop("xxh3_128")[:32]
+
+    _rewrite_manifest(path, to_md5)
+    with pytest.raises(CheckpointError, match=r"md5.*upgrade accelengine"):
+        read_checkpoint(path)
+
+
+def test_loaded_tensors_each_own_their_memory(tmp_path):
+    rng = {"torch": torch.get_rng_state(), "small": torch.arange(3), "scalar": torch.tensor(2.5)}
+    path = CheckpointManager(tmp_path).save("x", per_rank={"rng": rng}, shared={"w": {"a": torch.ones(5, 7)}})
+    ckpt = read_checkpoint(path)
+    tensors = [*ckpt.parts["rng"].values(), ckpt.parts["w"]["a"]]
+    assert all(t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes for t in tensors)
+    torch.set_rng_state(ckpt.parts["rng"]["torch"])  # torch's own consumers get plain, standalone tensors
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+
+
+def test_a_file_matching_its_checksum_but_not_laid_out_by_us_is_refused(tmp_path):
+    import json
+    import struct
+
+    import xxhash
+
+    path = save_one(tmp_path)
+    header = {
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    head = json.dumps(header).encode()
+    data = struct.pack("<Q", len(head)) + head + bytes(12)  # overlapping tensors: safetensors' loader refuses this
+    (path / "model.safetensors").write_bytes(data)
+
+    def refresh(manifest):
+        entry = next(f for f in manifest["files"] if f["name"] == "model.safetensors")
+        entry.update(size=len(data), xxh3_128=xxhash.xxh3_128(data).hexdigest())
+
+    _rewrite_manifest(path, refresh)
+    verify_checkpoint(path)  # the checksum matches
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*not a valid safetensors file"):
+        read_checkpoint(path)

@@ -1,0 +1,120 @@
+"""The benchmark scripts still run: each one, in a tiny configuration, prints one valid JSON line with the keys the
+results table (`benchmarks/run_all.py`) reads, and the table renders from them. No timing is asserted: the figures
+themselves are the scripts' business (`python benchmarks/run_all.py`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS: dict[str, dict] = {}  # run_all's job name -> the script's JSON, for the table test at the end
+
+
+def load(script: str) -> ModuleType:
+    """Import `benchmarks/<script>.py` under a private name (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_smoke_{script}", BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _engine_logger_restored():
+    """The scripts silence the `accelengine` logger while they time, and the runs in them set it up (handlers,
+    `propagate = False`): put it back, so that tests elsewhere which capture its records (caplog) still see them."""
+    from tests.callbacks.helpers import pristine_logging
+
+    logger = logging.getLogger("accelengine")
+    disabled = logger.disabled
+    with pristine_logging():
+        yield
+    logger.disabled = disabled
+
+
+def run_main(script: str, args: list[str], capsys, monkeypatch) -> dict:
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    load(script).main()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, f"{script} --json printed more than its JSON line: {out[:3]}"
+    return json.loads(out[0])
+
+
+CASES = {
+    "overhead_tiny": (
+        "overhead",
+        ["--steps", "3", "--rounds", "1", "--warmup", "2", "--hidden", "8"],
+        {"raw_us", "accelerate_us", "engine_us", "engine_bare_us", "engine_vs_raw", "engine_vs_raw_paired"}
+        | {"engine_bare_vs_raw_paired", "engine_vs_accelerate", "engine_vs_accelerate_paired", "hidden", "warmup"},
+    ),
+    "data": (
+        "data_throughput",
+        ["--samples", "512", "--rounds", "1"],
+        {"hf_table_samples_per_s", "tensor_dataset_samples_per_s", "tensor_dataset_plain_loader_samples_per_s"}
+        | {"hf_vs_tensor_dataset", "hf_vs_tensor_dataset_paired", "samples", "features", "batch", "rounds"},
+    ),
+    "checkpoint": (
+        "checkpoint_figures",
+        ["--params", "20000", "--runs", "1"],
+        {"state_mb", "params", "runs", "median_s", "save_ratio", "load_ratio", "load_baseline", "resume_ratio"}
+        | {"save_ratio_paired", "load_ratio_paired"}
+        | {"load_ratio_vs_touched", "load_ratio_vs_lazy_mmap", "save_ratio_of_minimums", "load_ratio_of_minimums"}
+        | {"save_mb_per_s", "load_mb_per_s", "verify_mb_per_s"},
+    ),
+    "resume_skip": (
+        "resume_skip",
+        ["--batches", "50", "--rounds", "1"],
+        {"batches", "batch_size", "samples", "rounds", "resume_at_0_s", "resume_at_n_s", "resume_n_minus_0_s"}
+        | {"resume_n_vs_0", "construct_s", "load_n_batches_s"},
+    ),
+}
+
+
+@pytest.mark.parametrize("job", list(CASES))
+def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch):
+    if job == "data":
+        pytest.importorskip("datasets")
+    script, args, keys = CASES[job]
+    result = run_main(script, [*args, "--json"], capsys, monkeypatch)
+    assert keys <= set(result), f"{script} lost keys: {sorted(keys - set(result))}"
+    RESULTS[job] = result
+
+
+def test_checkpoint_figures_time_every_baseline(capsys, monkeypatch):
+    result = RESULTS.get("checkpoint") or run_main(
+        "checkpoint_figures", ["--params", "20000", "--runs", "1", "--json"], capsys, monkeypatch
+    )
+    assert {"save", "save_plain", "load", "load_plain_mmap", "load_plain_touched", "resume", "verify"} <= set(
+        result["median_s"]
+    )
+
+
+@pytest.mark.slow
+def test_startup_prints_json_with_the_expected_keys(capsys, monkeypatch):
+    """Fresh processes: the two imports and one CLI run to its first step (about 8 s)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("datasets")
+    result = run_main("startup", ["--rounds", "1", "--cli-rounds", "1", "--no-bare", "--json"], capsys, monkeypatch)
+    keys = {"import_torch_accelerate_s", "import_accelengine_s", "import_accelengine_extra_s", "cli_to_first_step_s"}
+    keys.add("bare_to_first_step_s")
+    assert keys <= set(result)
+    RESULTS["startup"] = result
+
+
+def test_results_table_renders_from_the_scripts_json():
+    run_all = load("run_all")
+    assert set(CASES) | {"startup"} <= set(run_all.JOBS)  # every smoke-tested script is in the table
+    if len(RESULTS) < len(CASES):
+        pytest.skip("needs the script tests above to have run in this session")
+    info = {k: "x" for k in ("cpu", "cores", "os", "python", "torch", "accelerate", "accelengine", "safetensors")}
+    text = run_all.markdown({**RESULTS, "_load": "0", "_failed": {}}, info | {"datasets": "x", "commit": "x"}, True, 1)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Figure")]
+    assert len(rows) >= len(RESULTS)  # a row (or more) per script
+    assert all(line.count("|") == 7 for line in rows)  # six cells: nothing in a cell broke the table
