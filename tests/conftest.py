@@ -71,3 +71,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def launch_command(processes: int, *args: str) -> list[str]:
+    """`accelerate launch` of `python -m accelengine ARGS` with N CPU processes, every launcher setting explicit so a
+    developer's Accelerate config cannot change what the test does."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no"]
+    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return [*cmd, "-m", "accelengine", *args]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment without any `ACCELERATE_*` variable a launcher or the developer set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")} | {"PYTHONUNBUFFERED": "1"}

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, launch_command, launch_env
 
 RECIPE = """
 name = "dist"
@@ -37,21 +35,8 @@ def launch(tmp_path, name, processes, batch, device="cpu"):
     recipe = tmp_path / f"{name}.toml"
     recipe.write_text(RECIPE.format(batch=batch, device=device))
     out = tmp_path / name
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    cmd += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd += ["-m", "accelengine", "run", str(recipe), "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = launch_command(processes, "run", str(recipe), "--out", str(out))
+    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     return res, out
 
 

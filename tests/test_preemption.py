@@ -19,7 +19,7 @@ from accelengine import Callback
 from accelengine.checkpoint import find_latest
 from accelengine.preemption import EXIT_PREEMPTED
 
-from .conftest import ROOT
+from .conftest import ROOT, launch_command, launch_env
 
 SLOW = """
 import time
@@ -77,30 +77,11 @@ def write_recipe(tmp_path, *, hidden=64, sleep=0.02, steps=40, accum=1, every=3)
 def command(recipe, out, processes=1):
     if processes == 1:
         return [sys.executable, "-m", "accelengine", "run", str(recipe), "--out", str(out)]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "accelengine",
-        "run",
-        str(recipe),
-        "--out",
-        str(out),
-    ]
+    return launch_command(processes, "run", str(recipe), "--out", str(out))
 
 
 def env():
-    return {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")} | {"PYTHONUNBUFFERED": "1"}
+    return launch_env()
 
 
 def start(recipe, out, processes=1):
