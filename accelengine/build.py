@@ -51,17 +51,10 @@ def build_engine(recipe: Recipe, out_dir: str | Path | None = None, resume_from:
 
 
 def _factory(spec: Any):
-    """Components that need run-time arguments (parameters, optimizer) are built by the engine, later."""
+    """Components that need run-time arguments (parameters, optimizer) are built by the engine, later. The engine
+    offers `total_steps` to a scheduler factory; `instantiate` passes it on only to targets that accept it."""
 
-    def make(*args: Any, **runtime: Any) -> Any:
-        return instantiate(spec, *args, **runtime)
+    def make(first: Any, total_steps: int | None = None) -> Any:
+        return instantiate(spec, first, **({} if total_steps is None else {"total_steps": total_steps}))
 
-    make.__signature__ = _signature_with_total_steps()  # type: ignore[attr-defined]
     return make
-
-
-def _signature_with_total_steps():
-    import inspect
-
-    p = inspect.Parameter
-    return inspect.Signature([p("first", p.POSITIONAL_ONLY), p("total_steps", p.KEYWORD_ONLY, default=None)])

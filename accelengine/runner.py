@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,18 @@ def evaluate(
     recipe.data.loaders.pop("train", None)
     if not recipe.data.loaders:
         raise EngineError(f"{recipe_path} has no evaluation sets (every `[data.<name>]` other than `train`)")
-    recipe.checkpoint.init_from = str(export_weights(source, None, ema=ema) if ema else source)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = source.parent.parent if source.parent.name == CHECKPOINT_DIR else None
     out_dir = Path(out) if out is not None else (run_dir / f"eval-{stamp}" if run_dir else default_run_dir(recipe.name))
-    engine = build_engine(recipe, out_dir, resume_from=plan_resume(out_dir, "never"))
-    return engine.fit()
+    with tempfile.TemporaryDirectory(prefix="accelengine-") as scratch:
+        # EMA weights live in the callbacks part: export them to a scratch file the engine loads like any weights
+        weights = export_weights(source, Path(scratch) / "ema.safetensors", ema=True) if ema else source
+        recipe.checkpoint.init_from = str(weights)
+        engine = build_engine(recipe, out_dir, resume_from=plan_resume(out_dir, "never"))
+        return engine.fit()
 
 
-def export_weights(checkpoint: str | Path, out: str | Path | None, ema: bool = False) -> Path:
+def export_weights(checkpoint: str | Path, out: str | Path, ema: bool = False) -> Path:
     """Write a checkpoint's model weights (or its EMA weights) alone to a `.safetensors` file."""
     from safetensors.torch import save_file
 
@@ -73,10 +77,6 @@ def export_weights(checkpoint: str | Path, out: str | Path | None, ema: bool = F
         weights = {k: state["params"].get(k, state["buffers"].get(k)) for k in callbacks["model"]}
     else:
         weights = read_checkpoint(source, parts=["model"]).parts["model"]
-    if out is None:  # a scratch file (evaluate --ema); checkpoints are never written into
-        import tempfile
-
-        out = Path(tempfile.mkdtemp(prefix="accelengine-")) / "ema.safetensors"
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(target), metadata={"source": str(source)})
