@@ -34,16 +34,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 from torch import nn
+from torch.utils.data import DataLoader
 
 from accelengine.callbacks.base import EPOCH_HOOKS, HOOKS, STEP_HOOKS, Callback, overrides
 from accelengine.callbacks.checkpointer import Checkpointer
@@ -51,6 +53,7 @@ from accelengine.callbacks.defaults import default_callbacks
 from accelengine.callbacks.trackers import accelerator_kwargs
 from accelengine.data import make_loader, split_batch
 from accelengine.errors import EngineError
+from accelengine.loss_window import FOLD, LossWindow
 from accelengine.metrics import Accuracy, MeanLoss, as_metric, to_float
 from accelengine.preemption import Preempted, PreemptionHandler
 from accelengine.recipe.schema import CheckpointSection, DataSection, LogSection, TrainerSection
@@ -141,10 +144,9 @@ class Engine:
         self.summary_extras: dict[str, Any] = {}  # callbacks add to the summary here (params, best metric, ...)
         self.code_root: Path | None = None  # where `log.copy_code` globs start; recipe runs: the recipe's folder
         self._log_next: dict[str, Any] = {}
-        self._handlers: dict[str, list[Callable[[Engine], None]]] = {}
+        self._hooks: dict[str, Callable[..., None]] = {}  # what each hook runs, resolved once (`_bind_hooks`)
         self._log_handlers: list[Callable[[Engine, dict[str, Any]], None]] = []
-        self._running: dict[str, torch.Tensor] = {}
-        self._running_count = 0
+        self.loss_window = LossWindow()  # training losses since the last log record, on the device
         self.epoch_start_rng: dict[str, Any] | None = None
         self._prepared = False
         self.start_time = 0.0
@@ -228,7 +230,15 @@ class Engine:
             self.model = acc.prepare(self.model)
         # On the CPU the batches are already where they go: skip the per-batch walk that would move them.
         on_cpu = acc.device.type == "cpu"
-        loaders = [acc.prepare_data_loader(dl, device_placement=not on_cpu) for dl in loaders]
+        # One CPU process without accumulation: Accelerate's loader wrapper would neither shard, move, nor mark the
+        # end of an accumulation, only add a generator per batch; the engine then iterates the loader it built.
+        direct = on_cpu and acc.distributed_type == DistributedType.NO and acc.gradient_accumulation_steps == 1
+        loaders = [
+            dl
+            if direct and name == "train" and not isinstance(self.loaders[name], DataLoader)
+            else acc.prepare_data_loader(dl, device_placement=not on_cpu)
+            for name, dl in zip(names, loaders, strict=True)
+        ]
         self.loaders = dict(zip(names, loaders, strict=True))
         if training and self._scheduler_arg is not None:
             sched = self._scheduler_arg
@@ -240,7 +250,10 @@ class Engine:
                 m.to(acc.device)
         if self.optimizer is not None:
             self.driver = OptimizerDriver(acc, self.optimizer)
-        self._bind_callbacks()
+        # Between two records the window holds `log_every` steps of micro-batches: only a longer one needs folding.
+        longest = self.config.log_every * acc.gradient_accumulation_steps
+        self._keep_loss = self.loss_window.loss.append if longest <= FOLD else self.loss_window.append
+        self._bind_hooks()
         self._prepared = True
         if self.resume_from is not None:
             from accelengine.restart import restore
@@ -258,27 +271,30 @@ class Engine:
             return self.config.steps
         return self.config.epochs * self.steps_per_epoch
 
-    def _bind_callbacks(self) -> None:
-        """Resolve, once, which callables run for each hook: no per-step lookups, cadence applied here."""
+    def _bind_hooks(self) -> None:
+        """The one place hooks are dispatched from: resolve, once, what each hook runs — the engine's own method
+        (when a subclass overrides it; `fit_step` and `eval_step` always), then each callback that implements it, in
+        registration order, with its cadence applied here. A hook is then a single call (to a no-op, to its only
+        handler, or to a loop over several): nothing is looked up or tested per step."""
+        idle = {id(cb): set(cb.idle_hooks(self)) for cb in self.callbacks}
         for hook in HOOKS:
+            own = getattr(self, hook) if hook in _ENGINE_WORK or _overridden(self, hook) else None
             handlers = []
             for cb in self.callbacks:
-                if not overrides(cb, hook):
+                if not overrides(cb, hook) or hook in idle[id(cb)]:
                     continue
                 fn = getattr(cb, hook)
                 if cb.every_n_steps and hook in STEP_HOOKS:
                     fn = _every_n_steps(fn, cb.every_n_steps, ahead=hook == "before_optimizer_step")
                 elif cb.every_n_epochs and hook in EPOCH_HOOKS:
                     fn = _every_n_epochs(fn, cb.every_n_epochs)
-                handlers.append(fn)
-            self._handlers[hook] = handlers
+                handlers.append(partial(fn, self))
+            self._hooks[hook] = _dispatcher(own, handlers)
         self._log_handlers = [cb.on_log for cb in self.callbacks if type(cb).on_log is not Callback.on_log]
 
     def _run_hook(self, hook: str, *args: Any) -> None:
-        """The one place hooks are dispatched: the engine's own method, then the callbacks."""
-        getattr(self, hook)(*args)
-        for fn in self._handlers[hook]:
-            fn(self)
+        """Run a hook: the engine's own method (given `args`), then the callbacks (given the engine)."""
+        self._hooks[hook](*args)
 
     # ------------------------------------------------------------------------------------------------- loop --
     def fit(self) -> dict[str, Any]:
@@ -317,20 +333,27 @@ class Engine:
             self.evaluate()
             self._run_hook("after_fit_step" if state.pending_eval == "step" else "after_fit_epoch")
             state.pending_eval = ""
+        before_step, step, after_step = (self._hooks[h] for h in ("before_fit_step", "fit_step", "after_fit_step"))
+        log_every = cfg.log_every
+        eval_every = cfg.eval_every if by_steps and evaluating else 0  # steps mode; epochs mode evaluates below
+        last_step = cfg.steps if by_steps else sys.maxsize
         while not self._finished():
             self._run_hook("before_fit_epoch")
             for batch in self._epoch_batches():
                 state.batch = batch
                 state.batch_in_epoch += 1
-                self._run_hook("before_fit_step")
-                self._run_hook("fit_step", batch)
-                if state.optimizer_stepped:
-                    if state.step % cfg.log_every == 0:
-                        self._log_train()
-                    if by_steps and evaluating and state.step % cfg.eval_every == 0:
-                        self._evaluate_within("step")
-                self._run_hook("after_fit_step")  # the step is complete: a checkpoint here holds all of it
-                if state.optimizer_stepped and (state.should_stop or (by_steps and state.step >= cfg.steps)):
+                before_step()
+                step(batch)
+                if not state.optimizer_stepped:  # a micro-batch within a gradient accumulation
+                    after_step()
+                    continue
+                done = state.step
+                if done % log_every == 0:
+                    self._log_train()
+                if eval_every and done % eval_every == 0:
+                    self._evaluate_within("step")
+                after_step()  # the step is complete: a checkpoint here holds all of it
+                if state.should_stop or done >= last_step:
                     break
             else:  # the epoch ran to its end
                 state.epoch += 1
@@ -340,7 +363,7 @@ class Engine:
                 self._run_hook("after_fit_epoch")
                 continue
             break
-        if self._running_count and not state.preempted:  # a preempted run continues this window after its resume
+        if len(self.loss_window) and not state.preempted:  # a preempted run continues this window after its resume
             self._log_train()
 
     def _evaluate_within(self, unit: str) -> None:
@@ -358,7 +381,7 @@ class Engine:
         from accelengine.restart import iterate_from_rng, rng_state
 
         loader = self.train_loader
-        loader.set_epoch(self.state.epoch)  # the seedable sampler's permutation is a function of (seed, epoch)
+        _set_epoch(loader, self.state.epoch)  # the shuffling order is a function of (seed, epoch)
         if not self.state.batch_in_epoch:
             # The iterator draws its seeds from the global RNG when it starts: remember that state (once per epoch)
             # so that a resume in the middle of this epoch can start its iterator exactly alike.
@@ -370,24 +393,36 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------- step --
     def fit_step(self, batch: Any) -> None:
-        """Forward, backward; on the last micro-batch of an accumulation: clip, optimizer and scheduler step."""
-        acc, state, driver = self.accelerator, self.state, self.driver
-        with acc.accumulate(self.model) if driver.accumulating else nullcontext():
-            losses = self.compute_loss(batch)
-            loss = _total_loss(losses)
-            state.loss, state.losses = loss, losses  # before the hooks below: a NaN guard checks it there
-            driver.backward(loss)
-            state.optimizer_stepped = acc.sync_gradients if driver.accumulating else True
-            if state.optimizer_stepped:
-                if self.config.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-                self._run_hook("before_optimizer_step")
-                driver.step()
-                if self.scheduler is not None and not driver.step_was_skipped():
-                    self.scheduler.step()
-                driver.zero_grad()
-                state.step += 1
-        self._accumulate_losses(loss, losses)
+        """Forward, backward; on the last micro-batch of an accumulation: clip, optimizer and scheduler step.
+
+        Sets `state.loss` (this micro-batch's total loss, detached), `state.losses` (what `compute_loss` returned)
+        and `state.optimizer_stepped` before `before_optimizer_step`, and keeps the loss terms for the next log
+        record."""
+        if self.driver.accumulating:  # Accelerate says which micro-batch ends a step, and skips DDP's sync before it
+            with self.accelerator.accumulate(self.model):
+                self._micro_batch(batch, self.accelerator.sync_gradients)
+        else:
+            self._micro_batch(batch, True)
+
+    def _micro_batch(self, batch: Any, ends_step: bool) -> None:
+        state, driver = self.state, self.driver
+        losses = self.compute_loss(batch)
+        loss = losses if isinstance(losses, torch.Tensor) else _total_loss(losses)
+        state.loss, state.losses, state.optimizer_stepped = loss.detach(), losses, ends_step
+        driver.backward(loss)
+        if ends_step:
+            if self.config.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self._hooks["before_optimizer_step"]()
+            driver.step()
+            if self.scheduler is not None and not driver.step_was_skipped():
+                self.scheduler.step()
+            driver.zero_grad()
+            state.step += 1
+        if losses is loss:  # one term: a reference is kept, nothing is computed (see `loss_window`)
+            self._keep_loss(state.loss)
+        else:
+            self.loss_window.add(_logged_terms(loss, losses))
 
     def compute_loss(self, batch: Any) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
         """The training objective. Default: `loss(model(inputs), target)`. Override for anything else."""
@@ -403,38 +438,24 @@ class Engine:
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         """(inputs, target) of a batch; see `data.split_batch`."""
+        if type(batch) in _PAIR_TYPES and len(batch) == 2:  # the common `(x, y)`, without a further call
+            return batch[0], batch[1]
         return split_batch(batch, self.data_config.input_key, self.data_config.target_key)
 
-    def _accumulate_losses(self, loss: torch.Tensor, losses: Any) -> None:
-        # Running sums stay on the device: nothing is read back until a log step.
-        self._running_count += 1
-        if losses is loss and "loss" in self._running:  # the common case, kept to one in-place add
-            self._running["loss"] += loss.detach()
-            return
-        terms = _named_terms(losses)
-        if len(terms) > 1 or "loss" not in terms:
-            terms = {"loss": loss, **terms}
-        for name, value in terms.items():
-            value = value.detach()
-            if name in self._running:
-                self._running[name] += value
-            else:
-                self._running[name] = value.float().clone()
-
     def _log_train(self) -> None:
-        keys = [f"train/{n}" for n in self._running]
-        parts = [torch.stack(list(self._running.values())) / self._running_count]
+        names, means = self.loss_window.take()
+        keys = [f"train/{n}" for n in names]
+        parts = [] if means is None else [means]
         extra, self._log_next = self._log_next, {}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
         if tensors:  # monitors' device values (a gradient norm) come back in the same read as the losses
             keys += list(tensors)
-            parts.append(torch.stack([t.detach().float().reshape(()).to(parts[0].device) for t in tensors.values()]))
-        values = torch.cat(parts)
+            device = means.device if means is not None else self.accelerator.device
+            parts.append(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors.values()]))
+        values = torch.cat(parts) if parts else torch.zeros(0, device=self.accelerator.device)
         if self._distributed:
             values = self.accelerator.reduce(values, reduction="mean")
         values = values.tolist()  # the one host-device sync per log step
-        self._running.clear()
-        self._running_count = 0
         record = dict(zip(keys, values, strict=True))
         if self.optimizer is not None:
             record["train/lr"] = self.optimizer.param_groups[0]["lr"]
@@ -544,8 +565,6 @@ class Engine:
 
 
 def _total_loss(losses: Any) -> torch.Tensor:
-    if isinstance(losses, torch.Tensor):
-        return losses
     terms = _named_terms(losses)
     if not terms:
         raise EngineError("compute_loss returned no loss terms")
@@ -560,6 +579,60 @@ def _named_terms(losses: Any) -> dict[str, torch.Tensor]:
     if isinstance(losses, (list, tuple)):
         return {f"loss_{i}": v for i, v in enumerate(losses)}
     raise EngineError(f"compute_loss must return a tensor, a list or a dict of tensors, not {type(losses).__name__}")
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell a loader's sampler (or its data set) which epoch starts: Accelerate's prepared loaders forward it; a
+    plain `DataLoader` is given it here."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+        return
+    for target in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), loader.dataset):
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+            return
+
+
+def _logged_terms(loss: torch.Tensor, losses: Any) -> dict[str, torch.Tensor]:
+    """The terms a training record shows: `loss` (the total optimized) and each named term beside it."""
+    terms = _named_terms(losses)
+    return terms if list(terms) == ["loss"] else {"loss": loss, **terms}
+
+
+# Hooks whose engine method is the work itself (always run); the engine's other hook methods are no-ops to override.
+_ENGINE_WORK = frozenset({"fit_step", "eval_step"})
+_PAIR_TYPES = (tuple, list)
+
+
+def _overridden(engine: Engine, hook: str) -> bool:
+    return getattr(type(engine), hook) is not getattr(Engine, hook)
+
+
+def _nothing(*args: Any) -> None:
+    pass
+
+
+def _dispatcher(own: Callable[..., None] | None, handlers: list[Callable[[], None]]) -> Callable[..., None]:
+    """One callable for a hook: the engine's method (given the hook's arguments), then the handlers. Only hooks the
+    engine always runs take arguments (`fit_step`, `eval_step`: the batch), so the others get none."""
+    if own is None:
+        if len(handlers) == 1:
+            return handlers[0]
+        return _nothing if not handlers else partial(_call_each, handlers)
+    if not handlers:
+        return own
+
+    def run(*args: Any) -> None:
+        own(*args)
+        for fn in handlers:
+            fn()
+
+    return run
+
+
+def _call_each(handlers: list[Callable[[], None]]) -> None:
+    for fn in handlers:
+        fn()
 
 
 def _call_with_total_steps(factory: Callable[..., Any], optimizer: Any, total_steps: int) -> Any:

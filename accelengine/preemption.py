@@ -85,7 +85,9 @@ class PreemptionHandler(Callback):
         return result
 
     def after_fit_step(self, engine) -> None:
-        if engine.state.optimizer_stepped and self.agreed():
+        if not engine.state.optimizer_stepped:
+            return
+        if self.agreed() if self._distributed else self.received is not None:
             self._stop(engine)
 
     def after_eval_step(self, engine) -> None:

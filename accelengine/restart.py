@@ -4,8 +4,8 @@ The storage (atomic, pickle-free, verified) lives in `checkpoint.py`; this modul
 
 - shared parts (rank 0): `model` (plain weights), `optimizer`, `scheduler`, `scaler`, `engine` (the loop position
   and counters), `callbacks` (every callback that has a `state_dict`);
-- per-rank parts: `rng` (python, numpy, torch CPU and accelerator generators) and `running` (this rank's training
-  loss sums since the last log step, so the next logged value is the same as without the interruption);
+- per-rank parts: `rng` (python, numpy, torch CPU and accelerator generators) and `losses` (this rank's training
+  losses since the last log step, so the next logged value is the same as without the interruption);
 - meta: step, epoch, last metrics, the resolved recipe and its hash, world size, versions.
 
 The sampler's position needs no state of its own: the shuffling order is a function of (seed, epoch) and the
@@ -166,7 +166,7 @@ def capture(engine: Engine) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
         acc.get_state_dict(engine.model)  # collective for sharded models: every rank must take part
     per_rank = {
         "rng": {"now": rng_state(), "epoch_start": engine.epoch_start_rng},
-        "running": {"sums": dict(engine._running), "count": engine._running_count},
+        "losses": engine.loss_window.state_dict(),  # this process's training losses not yet logged
     }
     shared["engine"]["accumulation_counter"] = acc.step  # where Accelerate is within a gradient accumulation
     meta = {
@@ -221,9 +221,7 @@ def restore(engine: Engine, path: Path) -> None:
     engine_state = dict(parts["engine"])
     acc.step = engine_state.pop("accumulation_counter")
     engine.state.load_state_dict(engine_state)
-    running = parts["running"]
-    engine._running = {k: v.to(acc.device) for k, v in running["sums"].items()}
-    engine._running_count = running["count"]
+    engine.loss_window.load_state_dict(parts["losses"], device=acc.device)
     set_rng_state(parts["rng"]["now"])
     engine.epoch_start_rng = parts["rng"]["epoch_start"]
     logger.info("resumed from %s (epoch %d, step %d)", path, engine.state.epoch, engine.state.step)

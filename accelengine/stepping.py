@@ -37,26 +37,21 @@ class OptimizerDriver:
             and type(raw).__module__.startswith("torch.optim")  # e.g. not LOMO, whose step needs the loss
         )
         self.path = "direct" if self.direct else "accelerate"
+        # `backward(loss)`, `step()` and `zero_grad()` are the underlying callables themselves: no call in between.
+        # (`zero_grad` sets gradients to None by default, in torch and in Accelerate's wrapper.)
         if self.direct:
             accumulation = accelerator.gradient_accumulation_steps
-            self.backward = _scaled_backward(accumulation) if accumulation > 1 else _backward
+            self.backward = _scaled_backward(accumulation) if accumulation > 1 else torch.Tensor.backward
             self.step = raw.step
-            self._zero_grad = raw.zero_grad
+            self.zero_grad = raw.zero_grad
         else:
             self.backward = accelerator.backward
             self.step = optimizer.step
-            self._zero_grad = optimizer.zero_grad
-
-    def zero_grad(self) -> None:
-        self._zero_grad(set_to_none=True)
+            self.zero_grad = optimizer.zero_grad
 
     def step_was_skipped(self) -> bool:
         """True when the gradient scaler skipped the step (inf/nan gradients in fp16): never on the direct path."""
         return not self.direct and self.accelerator.optimizer_step_was_skipped
-
-
-def _backward(loss: torch.Tensor) -> None:
-    loss.backward()
 
 
 def _scaled_backward(accumulation: int):

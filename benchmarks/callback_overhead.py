@@ -26,6 +26,7 @@ import time
 import torch
 
 from accelengine import MLP, DataConfig, Engine, LogConfig, TrainerConfig
+from accelengine.callbacks.base import HOOKS, overrides
 from accelengine.examples.synthetic import classification
 
 
@@ -47,7 +48,7 @@ class Timed(Engine):
         self.timing = False
 
     def time_handlers(self) -> None:
-        """Wrap every bound handler with a clock (call after `setup`)."""
+        """Wrap every callback's hook methods with a clock (call before `setup`, which binds them)."""
 
         def timed(fn):
             def run(*args):
@@ -58,8 +59,10 @@ class Timed(Engine):
 
             return run
 
-        self._handlers = {hook: [timed(fn) for fn in fns] for hook, fns in self._handlers.items()}
-        self._log_handlers = [timed(fn) for fn in self._log_handlers]
+        for cb in self.callbacks:
+            for hook in (*HOOKS, "on_log"):
+                if hook == "on_log" or overrides(cb, hook):
+                    setattr(cb, hook, timed(getattr(cb, hook)))
 
 
 def once(
@@ -79,7 +82,6 @@ def once(
     if not builtins:
         engine.callbacks = []
     if hooks is not None:
-        engine.setup()
         engine.time_handlers()
     with contextlib.redirect_stdout(io.StringIO()):
         engine.fit()

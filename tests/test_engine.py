@@ -90,6 +90,24 @@ def test_subclass_hooks_run_before_callbacks(make_engine):
     assert order == ["engine", "callback"] * 2
 
 
+def test_idle_hooks_are_never_called(make_engine):
+    """A callback that declares a hook idle for this run is not dispatched it; its other hooks still run."""
+    rec = Recorder()
+    rec.idle_hooks = lambda engine: ("after_fit_step", "before_fit_step")
+    make_engine(callbacks=[rec]).fit()
+    assert "after_fit_step" not in rec.calls and "before_fit_step" not in rec.calls
+    assert rec.calls.count("fit_step") == 12 and rec.calls.count("before_optimizer_step") == 12
+
+
+def test_step_hooks_without_handlers_cost_one_no_op(make_engine):
+    """Hooks nobody implements are bound to one shared no-op; a hook with one handler is that handler."""
+    engine = make_engine()
+    engine.callbacks = []
+    engine.setup()
+    assert engine._hooks["before_fit_step"] is engine._hooks["after_fit_step"]
+    assert engine._hooks["fit_step"] == engine.fit_step
+
+
 @pytest.mark.parametrize("kind", ["dict", "list"])
 def test_multi_term_loss_logged_and_summed(make_engine, kind):
     seen = []

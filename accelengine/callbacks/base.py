@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +57,11 @@ class Callback:
 
     def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
         """Called with each logged record: `{"step": .., "epoch": .., "split/name": value, ...}`."""
+
+    def idle_hooks(self, engine: Engine) -> Collection[str]:
+        """Hooks this callback implements but has nothing to do in, for this run and process (its mode, the
+        accumulation, not the main process...): the engine never calls them. Asked once, before `before_fit`."""
+        return ()
 
 
 def _noop(self: Callback, engine: Engine) -> None:

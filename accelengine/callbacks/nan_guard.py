@@ -61,6 +61,7 @@ class NanGuard(Callback):
         self._periods: list[int] = []
         self._check_at = 0  # the next periodic check (an optimizer step), so a step costs one comparison
         self._log_every = 1
+        self._accumulation = 1
         self._total_steps = 0
         self._steps_per_epoch = 0
         self._batches_per_epoch: int | None = None
@@ -68,6 +69,12 @@ class NanGuard(Callback):
     @property
     def key(self) -> str:
         return "nan_guard"
+
+    def idle_hooks(self, engine: Engine) -> tuple[str, ...]:
+        if self.mode == "stop":
+            return ("before_optimizer_step",)
+        # skip mode: `fit_step` only keeps the losses of micro-batches that do not end a step (accumulation)
+        return ("fit_step",) if engine.accelerator.gradient_accumulation_steps == 1 else ()
 
     def before_fit(self, engine: Engine) -> None:
         cfg = engine.config
@@ -77,6 +84,7 @@ class NanGuard(Callback):
             periods.append(cfg.eval_every)
         self._periods = sorted({p for p in periods if p})
         self._log_every = cfg.log_every
+        self._accumulation = engine.accelerator.gradient_accumulation_steps
         training = engine.train_loader is not None
         # An epoch's end persists something when epochs evaluate (and may save a best checkpoint) or save
         epoch_ends = cfg.steps is None or getattr(ckpt, "every_epochs", None) is not None
@@ -93,11 +101,19 @@ class NanGuard(Callback):
         self._forget()
 
     def _plan(self, step: int) -> None:
-        self._check_at = min((step // p + 1) * p for p in self._periods) if self._periods else self._total_steps
+        """The next step at which the kept losses are checked: the next evaluation or checkpoint step (or
+        `check_every`), the end of this epoch when it persists something, the last step, or before too many
+        losses are kept. So a step costs one comparison."""
+        due = [(step // p + 1) * p for p in self._periods]
+        due.append(self._total_steps)
+        if self._batches_per_epoch and self._steps_per_epoch:
+            due.append((step // self._steps_per_epoch + 1) * self._steps_per_epoch)
+        due.append(step + max(1, self.max_pending // self._accumulation))
+        self._check_at = min(due)
 
     def _keep(self, loss: Any, step: int) -> None:
         if isinstance(loss, torch.Tensor):
-            self._losses.append(loss.detach())
+            self._losses.append(loss)  # `state.loss` is detached
             self._steps.append(step)
 
     def _forget(self) -> None:
@@ -137,26 +153,25 @@ class NanGuard(Callback):
         # Callbacks receive fit_step after the engine's step (state.loss is this micro-batch's) and before the
         # step's log record, evaluation and after_fit_step (where checkpoints are saved).
         state = engine.state
-        stepped = state.optimizer_stepped
-        if self.mode == "skip":
-            if not stepped:
+        if self.mode == "skip":  # with accumulation only (`idle_hooks`): keep the micro-batches before the last
+            if not state.optimizer_stepped:
                 self._keep(state.loss, state.step + 1)
             return
-        self._losses.append(state.loss.detach())  # a reference for naming the bad step later; no device work
+        stepped = state.optimizer_stepped
+        self._losses.append(state.loss)  # a reference (detached) for naming the bad step later; no device work
         self._steps.append(state.step if stepped else state.step + 1)
-        if not stepped or state.step % self._log_every == 0:
-            return  # a log step: its training record is checked in on_log, before evaluation and saving
-        if (
-            state.step >= self._check_at
-            or state.step >= self._total_steps
-            or (self._batches_per_epoch and state.batch_in_epoch >= self._batches_per_epoch)
-            or len(self._losses) >= self.max_pending
-        ):
-            self._plan(state.step)
-            index = self._first_bad(engine)
-            if index is not None:
-                self._stop(engine, index)
-            self._forget()
+        if stepped and state.step >= self._check_at:
+            self._check(engine)
+
+    def _check(self, engine: Engine) -> None:
+        step = engine.state.step
+        if step % self._log_every == 0:
+            return  # a log step: its training record is checked in on_log (which plans the next check)
+        self._plan(step)
+        index = self._first_bad(engine)
+        if index is not None:
+            self._stop(engine, index)
+        self._forget()
 
     def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
         loss = record.get("train/loss")
@@ -168,9 +183,7 @@ class NanGuard(Callback):
         self._forget()
 
     # --------------------------------------------------------------------------------------------- skip mode --
-    def before_optimizer_step(self, engine: Engine) -> None:
-        if self.mode != "skip":
-            return
+    def before_optimizer_step(self, engine: Engine) -> None:  # skip mode only (see `idle_hooks`)
         self._keep(engine.state.loss, engine.state.step + 1)  # the step's last micro-batch; earlier: in fit_step
         index = self._first_bad(engine)
         self._forget()

@@ -77,11 +77,12 @@ class ProgressBar(Callback):
         self._step0 = engine.state.step
         self._next = self._t0 + (self.refresh_s if self._tty else self.every_s)
 
-    def after_fit_step(self, engine: Engine) -> None:
-        if not self._active or not engine.state.optimizer_stepped:
-            return
+    def idle_hooks(self, engine: Engine) -> tuple[str, ...]:
+        return () if engine.is_main_process and engine.train_loader is not None else ("after_fit_step",)
+
+    def after_fit_step(self, engine: Engine) -> None:  # on the main process of a training run (`idle_hooks`)
         now = time.perf_counter()
-        if now >= self._next:
+        if now >= self._next and engine.state.optimizer_stepped:
             self._next = now + (self.refresh_s if self._tty else self.every_s)
             self._emit(engine, now)
 
