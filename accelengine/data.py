@@ -7,6 +7,9 @@ no per-sample collation; this is most of the loader's cost on small models.
 
 from __future__ import annotations
 
+import functools
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,28 @@ from accelengine.errors import EngineError
 def is_hf_dataset(obj: Any) -> bool:
     """True for a `datasets.Dataset`, checked without importing `datasets`."""
     return type(obj).__module__.startswith("datasets.") and hasattr(obj, "with_format") and hasattr(obj, "features")
+
+
+@functools.lru_cache(maxsize=64)
+def _int64s(n: int) -> struct.Struct:
+    return struct.Struct(f"={n}q")  # n int64s, native byte order (as torch reads them), no padding
+
+
+def index_tensor(indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The int64 tensor of a batch of indices: what `torch.tensor(indices, dtype=torch.long)` gives, faster.
+
+    The batch sampler hands over a list of Python ints (Accelerate's `BatchSamplerShard` edits batches as lists, so
+    they stay lists). `torch.tensor(list)` inspects every element in Python: about 6 us for 64 indices, a quarter of
+    a batch's cost. Packing them with `struct` and viewing the bytes takes about 1.5 us (9x less for 8,192). The
+    tensor owns its buffer (a fresh `bytearray`: `frombuffer` wants it writable and keeps it alive)."""
+    if type(indices) is list and indices:
+        try:
+            packed = bytearray(_int64s(len(indices)).pack(*indices))
+        except struct.error:  # not an integer, or out of the int64 range: torch raises its usual error below
+            pass
+        else:
+            return torch.frombuffer(packed, dtype=torch.long)
+    return torch.as_tensor(indices, dtype=torch.long)
 
 
 # HF tables up to this size whose columns are all numeric are read into tensors once: a random batch is then one
@@ -36,6 +61,10 @@ class HFTable(Dataset):
             whole = self.table[:]
             if all(isinstance(v, torch.Tensor) for v in whole.values()):
                 self.columns = whole
+        # (name, bound `index_select`) per column: looked up once here rather than on every batch
+        self._selects = None
+        if self.columns is not None:
+            self._selects = tuple((k, v.index_select) for k, v in self.columns.items())
 
     def __len__(self) -> int:
         return len(self.table)
@@ -47,9 +76,13 @@ class HFTable(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         # torch's fetcher calls this with the whole batch of indices; the result is already collated
-        if self.columns is not None:
-            index = torch.tensor(indices, dtype=torch.long)
-            return {k: v.index_select(0, index) for k, v in self.columns.items()}
+        if self._selects is not None:
+            index = index_tensor(indices)
+            # a plain loop: on Python 3.11 a comprehension builds and calls a function object every batch
+            batch = {}
+            for name, select in self._selects:
+                batch[name] = select(0, index)
+            return batch
         return self.table[indices]
 
 
@@ -59,6 +92,7 @@ class TensorTable(Dataset):
 
     def __init__(self, dataset: TensorDataset) -> None:
         self.tensors = dataset.tensors
+        self._selects = tuple(t.index_select for t in self.tensors)  # bound once, as in `HFTable`
 
     def __len__(self) -> int:
         return len(self.tensors[0])
@@ -67,8 +101,11 @@ class TensorTable(Dataset):
         return tuple(t[index] for t in self.tensors)
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        index = torch.tensor(indices, dtype=torch.long)
-        return [t.index_select(0, index) for t in self.tensors]
+        index = index_tensor(indices)
+        batch = []
+        for select in self._selects:  # a plain loop, as in `HFTable.__getitems__`
+            batch.append(select(0, index))
+        return batch
 
 
 class EpochShuffle(Sampler[int]):
