@@ -163,7 +163,7 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader for a torch Dataset or HF table (a DataLoader is returned unchanged). Shuffling uses
-    `EpochShuffle(seed)`; the engine sets its epoch through the prepared loader's `set_epoch`."""
+    `EpochShuffle(seed)`; the engine sets its epoch through `set_epoch` below."""
     if isinstance(dataset, DataLoader):
         return dataset
     collate = None
@@ -205,3 +205,15 @@ def split_batch(batch: Any, input_key: str, target_key: str) -> tuple[Any, Any]:
             )
         return batch[input_key], batch.get(target_key)
     return batch, None
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Tell a loader's sampler (or its data set) which epoch starts: Accelerate's prepared loaders forward it; a
+    plain `DataLoader` is given it here."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+        return
+    for target in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), loader.dataset):
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+            return

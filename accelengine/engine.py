@@ -51,7 +51,7 @@ from accelengine.callbacks.base import EPOCH_HOOKS, HOOKS, STEP_HOOKS, Callback,
 from accelengine.callbacks.checkpointer import Checkpointer
 from accelengine.callbacks.defaults import default_callbacks
 from accelengine.callbacks.trackers import accelerator_kwargs
-from accelengine.data import make_loader, split_batch
+from accelengine.data import make_loader, set_epoch, split_batch
 from accelengine.errors import EngineError
 from accelengine.loss_window import FOLD, LossWindow
 from accelengine.metrics import Accuracy, MeanLoss, as_metric, to_float
@@ -381,7 +381,7 @@ class Engine:
         from accelengine.restart import iterate_from_rng, rng_state
 
         loader = self.train_loader
-        _set_epoch(loader, self.state.epoch)  # the shuffling order is a function of (seed, epoch)
+        set_epoch(loader, self.state.epoch)  # the shuffling order is a function of (seed, epoch)
         if not self.state.batch_in_epoch:
             # The iterator draws its seeds from the global RNG when it starts: remember that state (once per epoch)
             # so that a resume in the middle of this epoch can start its iterator exactly alike.
@@ -579,18 +579,6 @@ def _named_terms(losses: Any) -> dict[str, torch.Tensor]:
     if isinstance(losses, (list, tuple)):
         return {f"loss_{i}": v for i, v in enumerate(losses)}
     raise EngineError(f"compute_loss must return a tensor, a list or a dict of tensors, not {type(losses).__name__}")
-
-
-def _set_epoch(loader: Any, epoch: int) -> None:
-    """Tell a loader's sampler (or its data set) which epoch starts: Accelerate's prepared loaders forward it; a
-    plain `DataLoader` is given it here."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-        return
-    for target in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), loader.dataset):
-        if hasattr(target, "set_epoch"):
-            target.set_epoch(epoch)
-            return
 
 
 def _logged_terms(loss: torch.Tensor, losses: Any) -> dict[str, torch.Tensor]:
