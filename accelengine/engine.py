@@ -66,6 +66,7 @@ TrainerConfig = TrainerSection  # the Python API's name for the `[trainer]` sect
 DataConfig = DataSection
 CheckpointConfig = CheckpointSection
 LogConfig = LogSection
+NO_LOSS = "no loss: give a `loss` component, or subclass Engine and override `compute_loss`"
 
 
 class Engine:
@@ -146,6 +147,7 @@ class Engine:
         self._log_next: dict[str, Any] = {}
         self._hooks: dict[str, Callable[..., None]] = {}  # what each hook runs, resolved once (`_bind_hooks`)
         self._log_handlers: list[Callable[[Engine, dict[str, Any]], None]] = []
+        self._read_on_host = False
         self.loss_window = LossWindow()  # training losses since the last log record, on the device
         self.epoch_start_rng: dict[str, Any] | None = None
         self._prepared = False
@@ -220,6 +222,8 @@ class Engine:
         if training:
             if self._optimizer_arg is None:
                 raise EngineError("a `train` data set needs an optimizer")
+            if self.loss_fn is None and not (_overridden(self, "compute_loss") or _overridden(self, "fit_step")):
+                raise EngineError(NO_LOSS)  # before anything runs, not at the first step
             if self.config.epochs is None and self.config.steps is None:
                 raise EngineError("set the length of training: TrainerConfig(epochs=...) or TrainerConfig(steps=...)")
             opt = self._optimizer_arg
@@ -251,6 +255,7 @@ class Engine:
         if self.optimizer is not None:
             self.driver = OptimizerDriver(acc, self.optimizer)
         # Between two records the window holds `log_every` steps of micro-batches: only a longer one needs folding.
+        self._read_on_host = on_cpu and not self._distributed  # log steps read the losses without a device op
         longest = self.config.log_every * acc.gradient_accumulation_steps
         self._keep_loss = self.loss_window.loss.append if longest <= FOLD else self.loss_window.append
         self._bind_hooks()
@@ -277,8 +282,11 @@ class Engine:
         registration order, with its cadence applied here. A hook is then a single call (to a no-op, to its only
         handler, or to a loop over several): nothing is looked up or tested per step."""
         idle = {id(cb): set(cb.idle_hooks(self)) for cb in self.callbacks}
+        accumulating = getattr(self, "driver", None) is not None and self.driver.accumulating
         for hook in HOOKS:
             own = getattr(self, hook) if hook in _ENGINE_WORK or _overridden(self, hook) else None
+            if hook == "fit_step" and not accumulating and not _overridden(self, hook):
+                own = self._micro_batch  # what `fit_step` does without accumulation, one call nearer
             handlers = []
             for cb in self.callbacks:
                 if not overrides(cb, hook) or hook in idle[id(cb)]:
@@ -290,6 +298,10 @@ class Engine:
                     fn = _every_n_epochs(fn, cb.every_n_epochs)
                 handlers.append(partial(fn, self))
             self._hooks[hook] = _dispatcher(own, handlers)
+        before_update = self._hooks["before_optimizer_step"]
+        if self.config.max_grad_norm is not None:
+            before_update = partial(self._clip_then, before_update)
+        self._before_update = before_update  # what runs between backward and the optimizer step
         self._log_handlers = [cb.on_log for cb in self.callbacks if type(cb).on_log is not Callback.on_log]
 
     def _run_hook(self, hook: str, *args: Any) -> None:
@@ -378,14 +390,14 @@ class Engine:
         return state.step >= cfg.steps if cfg.steps is not None else state.epoch >= cfg.epochs
 
     def _epoch_batches(self) -> Iterable[Any]:
-        from accelengine.restart import iterate_from_rng, rng_state
+        from accelengine.restart import LOADER_RNG, iterate_from_rng, rng_state
 
         loader = self.train_loader
         set_epoch(loader, self.state.epoch)  # the shuffling order is a function of (seed, epoch)
         if not self.state.batch_in_epoch:
             # The iterator draws its seeds from the global RNG when it starts: remember that state (once per epoch)
             # so that a resume in the middle of this epoch can start its iterator exactly alike.
-            self.epoch_start_rng = rng_state()
+            self.epoch_start_rng = rng_state(LOADER_RNG)
             return loader
         # resuming mid-epoch: skip by index, no batch is loaded
         skipped = self.accelerator.skip_first_batches(loader, self.state.batch_in_epoch)
@@ -404,30 +416,33 @@ class Engine:
         else:
             self._micro_batch(batch, True)
 
-    def _micro_batch(self, batch: Any, ends_step: bool) -> None:
+    def _micro_batch(self, batch: Any, ends_step: bool = True) -> None:
         state, driver = self.state, self.driver
         losses = self.compute_loss(batch)
         loss = losses if isinstance(losses, torch.Tensor) else _total_loss(losses)
-        state.loss, state.losses, state.optimizer_stepped = loss.detach(), losses, ends_step
+        state.loss = detached = loss.detach()
+        state.losses, state.optimizer_stepped = losses, ends_step
         driver.backward(loss)
         if ends_step:
-            if self.config.max_grad_norm is not None:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-            self._hooks["before_optimizer_step"]()
+            self._before_update()  # clipping (when set), then before_optimizer_step
             driver.step()
             if self.scheduler is not None and not driver.step_was_skipped():
                 self.scheduler.step()
             driver.zero_grad()
             state.step += 1
         if losses is loss:  # one term: a reference is kept, nothing is computed (see `loss_window`)
-            self._keep_loss(state.loss)
+            self._keep_loss(detached)
         else:
             self.loss_window.add(_logged_terms(loss, losses))
 
+    def _clip_then(self, before_optimizer_step: Callable[[], None]) -> None:
+        self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        before_optimizer_step()
+
     def compute_loss(self, batch: Any) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor]:
         """The training objective. Default: `loss(model(inputs), target)`. Override for anything else."""
-        if self.loss_fn is None:
-            raise EngineError("no loss: give a `loss` component, or subclass Engine and override `compute_loss`")
+        if self.loss_fn is None:  # checked in `setup` too; here for a direct call
+            raise EngineError(NO_LOSS)
         inputs, target = self.split_batch(batch)
         return self.loss_fn(self.model(inputs), target)
 
@@ -443,25 +458,34 @@ class Engine:
         return split_batch(batch, self.data_config.input_key, self.data_config.target_key)
 
     def _log_train(self) -> None:
-        names, means = self.loss_window.take()
-        keys = [f"train/{n}" for n in names]
-        parts = [] if means is None else [means]
         extra, self._log_next = self._log_next, {}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
-        if tensors:  # monitors' device values (a gradient norm) come back in the same read as the losses
-            keys += list(tensors)
-            device = means.device if means is not None else self.accelerator.device
-            parts.append(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors.values()]))
-        values = torch.cat(parts) if parts else torch.zeros(0, device=self.accelerator.device)
-        if self._distributed:
-            values = self.accelerator.reduce(values, reduction="mean")
-        values = values.tolist()  # the one host-device sync per log step
-        record = dict(zip(keys, values, strict=True))
+        if self._read_on_host:  # one CPU process: the values are in host memory, nothing to synchronise with
+            names, values = self.loss_window.take_floats()
+            values += [t.item() for t in tensors.values()]
+        else:
+            names, values = self._read_back(tensors)
+        record = dict(zip([f"train/{n}" for n in names] + list(tensors), values, strict=True))
         if self.optimizer is not None:
             record["train/lr"] = self.optimizer.param_groups[0]["lr"]
         record.update({k: v for k, v in extra.items() if k not in tensors})
         self.state.last_train = record
         self.log(record)
+
+    def _read_back(self, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[float]]:
+        """The window's mean losses and the monitors' device values (a gradient norm), averaged over processes and
+        read back together: the one host-device synchronisation of a log step."""
+        names, means = self.loss_window.take()
+        parts = [] if means is None else [means]
+        if tensors:
+            device = means.device if means is not None else self.accelerator.device
+            parts.append(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors.values()]))
+        if not parts:
+            return names, []
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self._distributed:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return names, values.tolist()
 
     # ------------------------------------------------------------------------------------------------- eval --
     @torch.no_grad()
@@ -602,13 +626,32 @@ def _nothing(*args: Any) -> None:
 
 def _dispatcher(own: Callable[..., None] | None, handlers: list[Callable[[], None]]) -> Callable[..., None]:
     """One callable for a hook: the engine's method (given the hook's arguments), then the handlers. Only hooks the
-    engine always runs take arguments (`fit_step`, `eval_step`: the batch), so the others get none."""
+    engine always runs take arguments (`fit_step`, `eval_step`: the batch), so the others get none. One or two
+    handlers are called without a loop (a per-step hook usually has one or two)."""
     if own is None:
+        if not handlers:
+            return _nothing
         if len(handlers) == 1:
             return handlers[0]
-        return _nothing if not handlers else partial(_call_each, handlers)
+        if len(handlers) == 2:
+            first, second = handlers
+
+            def both() -> None:
+                first()
+                second()
+
+            return both
+        return partial(_call_each, handlers)
     if not handlers:
         return own
+    if len(handlers) == 1:
+        (handler,) = handlers
+
+        def own_then_handler(*args: Any) -> None:
+            own(*args)
+            handler()
+
+        return own_then_handler
 
     def run(*args: Any) -> None:
         own(*args)

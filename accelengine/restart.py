@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Generator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,26 +58,43 @@ RESUMABLE_CHANGES = (
 
 
 # --------------------------------------------------------------------------------------------------------- RNG --
-def rng_state() -> dict[str, Any]:
-    """Every random generator this process draws from."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+_RNG_GETTERS = {"python": random.getstate, "numpy": np.random.get_state, "torch": torch.get_rng_state}
+_RNG_SETTERS = {"python": random.setstate, "numpy": np.random.set_state, "torch": torch.set_rng_state}
+
+
+def rng_state(kinds: Iterable[str] | None = None) -> dict[str, Any]:
+    """Every random generator this process draws from (`kinds`: only those, e.g. `LOADER_RNG`)."""
+    state = {kind: get() for kind, get in _RNG_GETTERS.items() if kinds is None or kind in kinds}
+    if (kinds is None or "cuda" in kinds) and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+# What a loader draws from when an epoch's iterator starts: the worker base seed, and the seed of a shuffling sampler
+# that has no generator of its own, come from torch's CPU generator (the engine's samplers and Accelerate's seedable
+# one are seeded by (seed, epoch) and draw nothing). An epoch's start keeps this alone: it is cheap to take every
+# epoch (numpy's state alone costs ~35 us), and the data set's own draws (augmentation) must not be replayed.
+LOADER_RNG = ("torch",)
+
+
 def iterate_from_rng(loader: Any, start_rng: dict[str, Any] | None):
     """Iterate `loader` as if it had started with the random state `start_rng` (the epoch's start), then carry on
-    with the current random state: what a resumed epoch needs so its iterator (and workers) draw the same seeds."""
-    current = rng_state()
-    if start_rng is not None:
-        set_rng_state(start_rng)
+    with the current random state: what a resumed epoch needs so its iterator (and workers) draw the same seeds,
+    while the data set's own draws (augmentation) continue from the checkpoint's state. Only the generators
+    `start_rng` holds are rewound (older checkpoints hold them all)."""
+    if start_rng is None:
+        yield from loader
+        return
+    current = rng_state(start_rng)
+    set_rng_state(start_rng)
     iterator = iter(loader)
-    first = next(iterator, _END)  # the iterator draws its seeds when it fetches the first batch
+    if not isinstance(iterator, Generator):  # a torch loader's iterator has drawn its seeds: batches come after
+        set_rng_state(current)
+        yield from iterator
+        return
+    # A loader written as a generator (Accelerate's) draws its seeds at its first batch, together with that batch
+    # and the one it reads ahead: those two batches' own draws come from the epoch's start (see docs/checkpoints.md).
+    first = next(iterator, _END)
     set_rng_state(current)
     if first is _END:
         return
@@ -88,13 +106,16 @@ _END = object()
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            raise EngineError("this checkpoint holds CUDA random states but no CUDA device is visible")
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Set the generators `state` holds (all of them from `rng_state()`; a subset from `rng_state(kinds)`)."""
+    for kind, value in state.items():
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise EngineError("this checkpoint holds CUDA random states but no CUDA device is visible")
+            torch.cuda.set_rng_state_all(value)
+        elif kind in _RNG_SETTERS:
+            _RNG_SETTERS[kind](value)
+        else:
+            raise EngineError(f"unknown random generator {kind!r} in a saved random state")
 
 
 # ------------------------------------------------------------------------------------------------------ recipe --

@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _engine_logging_restored():
+    """A run sets up the `accelengine` logger (handlers, `propagate = False`): put it back after every test, so that
+    tests which capture log records (caplog) see them whatever order the tests run in."""
+    from tests.callbacks.helpers import pristine_logging
+
+    with pristine_logging():
+        yield
+
+
 @pytest.fixture
 def tiny_data():
     from accelengine.examples.synthetic import classification

@@ -27,15 +27,12 @@ def load(script: str) -> ModuleType:
 
 
 @pytest.fixture(autouse=True)
-def _engine_logger_restored():
-    """The scripts silence the `accelengine` logger while they time, and the runs in them set it up (handlers,
-    `propagate = False`): put it back, so that tests elsewhere which capture its records (caplog) still see them."""
-    from tests.callbacks.helpers import pristine_logging
-
+def _engine_logger_enabled():
+    """The scripts silence the `accelengine` logger while they time: enable it again for the tests after them (its
+    handlers and propagation are restored for every test by `tests/conftest.py`)."""
     logger = logging.getLogger("accelengine")
     disabled = logger.disabled
-    with pristine_logging():
-        yield
+    yield
     logger.disabled = disabled
 
 

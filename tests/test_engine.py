@@ -100,12 +100,13 @@ def test_idle_hooks_are_never_called(make_engine):
 
 
 def test_step_hooks_without_handlers_cost_one_no_op(make_engine):
-    """Hooks nobody implements are bound to one shared no-op; a hook with one handler is that handler."""
+    """Hooks nobody implements are bound to one shared no-op; without accumulation, `fit_step` is the micro-batch
+    itself."""
     engine = make_engine()
     engine.callbacks = []
     engine.setup()
     assert engine._hooks["before_fit_step"] is engine._hooks["after_fit_step"]
-    assert engine._hooks["fit_step"] == engine.fit_step
+    assert engine._hooks["fit_step"] == engine._micro_batch
 
 
 @pytest.mark.parametrize("kind", ["dict", "list"])
@@ -204,6 +205,48 @@ def test_missing_length_and_optimizer_are_clear_errors(make_engine):
         make_engine(config=TrainerConfig(device="cpu")).fit()
 
 
+def test_missing_loss_is_a_clear_error_before_any_step(make_engine):
+    rec = Recorder()
+    engine = make_engine(loss=None, callbacks=[rec])
+    with pytest.raises(EngineError, match=r"no loss.*compute_loss"):
+        engine.fit()
+    assert engine.state.step == 0 and "before_fit" not in rec.calls
+
+    class OwnLoss(Engine):  # a subclass that computes its loss itself needs no `loss`
+        def compute_loss(self, batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.model(x), y)
+
+    assert make_engine(OwnLoss, loss=None).fit()["status"] == "completed"
+
+
+@pytest.mark.parametrize("handlers", [1, 2, 3, 4])
+def test_every_handler_of_a_hook_runs_once_in_order(make_engine, handlers):
+    """However many callbacks implement a hook (the dispatcher is unrolled for one or two), each runs once per
+    call, in registration order, after the engine's own method."""
+    calls = []
+
+    class Tagged(Callback):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def after_fit_step(self, engine):
+            calls.append((engine.state.step, self.tag))
+
+        def fit_step(self, engine):
+            calls.append((engine.state.step, f"fit{self.tag}"))
+
+    class Mine(Engine):
+        def after_fit_step(self):
+            calls.append((self.state.step, "engine"))
+
+    make_engine(Mine, callbacks=[Tagged(i) for i in range(handlers)], config=TrainerConfig(steps=3, device="cpu")).fit()
+    tags = list(range(handlers))
+    per_step = [f"fit{t}" for t in tags] + ["engine"] + tags
+    assert calls == [(step, tag) for step in (1, 2, 3) for tag in per_step]
+
+
 def test_dict_batches_use_configured_keys(make_engine, tiny_data):
     from torch.utils.data import Dataset
 
@@ -227,3 +270,26 @@ def test_seeded_runs_are_identical(make_engine):
     a = make_engine().fit()
     b = make_engine().fit()
     assert a["final"] == b["final"] and a["last_train"] == b["last_train"]
+
+
+def test_host_read_and_device_read_back_log_the_same_records(make_engine):
+    """One CPU process reads the log step's values on the host; elsewhere they are stacked on the device and read
+    back in one go. Both paths give the same records (losses and a monitor's device value alike)."""
+    from accelengine.callbacks import GradNormMonitor
+
+    def records(read_on_host):
+        rec = Recorder()
+        engine = make_engine(
+            callbacks=[GradNormMonitor(), rec], config=TrainerConfig(steps=7, log_every=3, device="cpu")
+        )
+        engine.setup()
+        assert engine._read_on_host  # what a one-process CPU run uses
+        engine._read_on_host = read_on_host
+        engine.fit()
+        return [r for r in rec.records if "train/loss" in r]
+
+    host, device = records(True), records(False)
+    assert [r["step"] for r in host] == [3, 6, 7] and [set(r) for r in host] == [set(r) for r in device]
+    for a, b in zip(host, device, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert {"train/loss", "train/grad_norm", "train/lr"} <= set(host[0])

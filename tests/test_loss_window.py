@@ -60,3 +60,23 @@ def test_load_refuses_a_window_that_does_not_add_up():
     state["micro_batches"] = 3
     with pytest.raises(ValueError, match="expected 3"):
         LossWindow().load_state_dict(state)
+
+
+def test_take_floats_reads_the_same_means_on_the_host(monkeypatch):
+    """The CPU path (values read directly, summed in Python) gives the device path's means, folds and terms
+    included, and starts a new window the same way."""
+    monkeypatch.setattr(loss_window, "FOLD", 4)
+
+    def filled():
+        window = LossWindow()
+        for i, v in enumerate(values(11)):
+            window.add({"loss": v, "kl": v * 2} if i % 3 else {"loss": v})
+        window.append(torch.tensor([0.5]))  # a (1,)-shaped loss beside 0-dim ones
+        return window
+
+    on_device, on_host = filled(), filled()
+    names, means = on_device.take()
+    host_names, host_means = on_host.take_floats()
+    assert host_names == names == ["loss", "kl"]
+    assert host_means == pytest.approx(means.tolist(), rel=1e-6)
+    assert len(on_host) == 0 and on_host.take_floats() == ([], [])

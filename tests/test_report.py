@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
-
 from accelengine import LogConfig
 from accelengine.cli import main
 from accelengine.report import find_runs, load_metrics, quantity, report
 
-from .callbacks.helpers import pristine_logging, tiny_engine
+from .callbacks.helpers import tiny_engine
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    with pristine_logging():
-        yield
 
 
 def make_run(path, lr=0.1):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,10 +32,21 @@ class CrashAt(Callback):
             raise Crash()
 
 
-def build(out_dir, *, steps=None, epochs=None, grad_accum=None, every_steps=4, callbacks=(), resume=None, dropout=0.1):
+def build(
+    out_dir,
+    *,
+    steps=None,
+    epochs=None,
+    grad_accum=None,
+    every_steps=4,
+    callbacks=(),
+    resume=None,
+    dropout=0.1,
+    train_set=None,
+):
     torch.manual_seed(123)  # the model's initial weights; the engine seeds everything else itself
     data = {
-        "train": classification(samples=90, features=8, classes=3),
+        "train": train_set if train_set is not None else classification(samples=90, features=8, classes=3),
         "val": classification(samples=30, features=8, classes=3, seed=1),
     }
     return Engine(
@@ -108,6 +121,32 @@ def test_resume_is_bit_exact(tmp_path, case):
     assert_identical(straight, resumed)
     assert logged(out) == logged(tmp_path / "straight")  # every record once, same values
     assert json.loads((out / "summary.json").read_text())["final"] == straight.state.last_eval
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Random augmentation drawn, sample by sample, from torch's, numpy's and python's global generators."""
+
+    def __init__(self):
+        self.base = classification(samples=90, features=8, classes=3)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        noise = np.random.normal(size=x.shape).astype("float32") * 0.1 + random.random() * 0.01
+        return x + torch.from_numpy(noise) + 0.1 * torch.randn(x.shape), y
+
+
+@pytest.mark.parametrize("crash_step", [10, 13], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_with_random_augmentation_is_bit_exact(tmp_path, crash_step):
+    """The batches after a resume draw their augmentation from the generators as they were at the checkpoint,
+    not from the epoch's start (which only the loader's own seeds come from)."""
+    straight = build(tmp_path / "straight", steps=30, every_steps=4, train_set=Augmented())
+    straight.fit()
+    resumed, out = interrupted_then_resumed(tmp_path, crash_step, steps=30, every_steps=4, train_set=Augmented())
+    assert_identical(straight, resumed)
+    assert logged(out) == logged(tmp_path / "straight")
 
 
 def test_resume_skips_by_index_not_by_loading(tmp_path):

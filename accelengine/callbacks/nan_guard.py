@@ -56,8 +56,10 @@ class NanGuard(Callback):
         self.check_every = check_every
         self.max_pending = 256  # a forced check at least this often, so the kept references stay few
         self.skipped: list[int] = []
-        self._losses: list[torch.Tensor] = []
-        self._steps: list[int] = []  # the optimizer step (1-based) of each kept loss
+        self._losses: list[torch.Tensor] = []  # every micro-batch's loss since the last check (stop mode)
+        # (index into `_losses`, optimizer steps done before it): where the kept losses start, and with accumulation
+        # where each epoch's end (whose last step may be short) re-aligns them; `_step_of` names a loss's step
+        self._starts: list[tuple[int, int]] = [(0, 0)]
         self._periods: list[int] = []
         self._check_at = 0  # the next periodic check (an optimizer step), so a step costs one comparison
         self._log_every = 1
@@ -71,10 +73,11 @@ class NanGuard(Callback):
         return "nan_guard"
 
     def idle_hooks(self, engine: Engine) -> tuple[str, ...]:
-        if self.mode == "stop":
-            return ("before_optimizer_step",)
+        accumulating = engine.accelerator.gradient_accumulation_steps > 1
+        if self.mode == "stop":  # `after_fit_epoch` marks where a short last step of an accumulation ends
+            return ("before_optimizer_step",) if accumulating else ("before_optimizer_step", "after_fit_epoch")
         # skip mode: `fit_step` only keeps the losses of micro-batches that do not end a step (accumulation)
-        return ("fit_step",) if engine.accelerator.gradient_accumulation_steps == 1 else ()
+        return ("after_fit_epoch",) if accumulating else ("fit_step", "after_fit_epoch")
 
     def before_fit(self, engine: Engine) -> None:
         cfg = engine.config
@@ -98,7 +101,7 @@ class NanGuard(Callback):
         except TypeError:
             self._steps_per_epoch = 0
         self._plan(engine.state.step)
-        self._forget()
+        self._forget(engine.state.step)
 
     def _plan(self, step: int) -> None:
         """The next step at which the kept losses are checked: the next evaluation or checkpoint step (or
@@ -111,14 +114,22 @@ class NanGuard(Callback):
         due.append(step + max(1, self.max_pending // self._accumulation))
         self._check_at = min(due)
 
-    def _keep(self, loss: Any, step: int) -> None:
+    def _keep(self, loss: Any) -> None:
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss)  # `state.loss` is detached
-            self._steps.append(step)
 
-    def _forget(self) -> None:
+    def _forget(self, step: int) -> None:
+        """Drop the kept losses; those kept next are of the steps after `step` (always a step boundary)."""
         self._losses.clear()
-        self._steps.clear()
+        self._starts = [(0, step)]
+
+    def _step_of(self, index: int) -> int:
+        """The optimizer step (1-based) of the kept loss at `index`: one loss per micro-batch."""
+        start, steps_done = next(s for s in reversed(self._starts) if s[0] <= index)
+        return steps_done + (index - start) // self._accumulation + 1
+
+    def after_fit_epoch(self, engine: Engine) -> None:  # stop mode with accumulation (`idle_hooks`)
+        self._starts.append((len(self._losses), engine.state.step))
 
     def _first_bad(self, engine: Engine) -> int | None:
         """Index of the first kept loss that is not finite on any process (one read-back)."""
@@ -139,7 +150,7 @@ class NanGuard(Callback):
             where = f"in the steps up to {engine.state.step}"
             value: Any = "nan"
         else:
-            step = self._steps[index]
+            step = self._step_of(index)
             epoch = (step - 1) // self._steps_per_epoch if self._steps_per_epoch else engine.state.epoch
             where = f"at step {step} (epoch {epoch})"
             local = self._losses[index].float().item()
@@ -155,12 +166,10 @@ class NanGuard(Callback):
         state = engine.state
         if self.mode == "skip":  # with accumulation only (`idle_hooks`): keep the micro-batches before the last
             if not state.optimizer_stepped:
-                self._keep(state.loss, state.step + 1)
+                self._keep(state.loss)
             return
-        stepped = state.optimizer_stepped
         self._losses.append(state.loss)  # a reference (detached) for naming the bad step later; no device work
-        self._steps.append(state.step if stepped else state.step + 1)
-        if stepped and state.step >= self._check_at:
+        if state.optimizer_stepped and state.step >= self._check_at:
             self._check(engine)
 
     def _check(self, engine: Engine) -> None:
@@ -171,7 +180,7 @@ class NanGuard(Callback):
         index = self._first_bad(engine)
         if index is not None:
             self._stop(engine, index)
-        self._forget()
+        self._forget(step)
 
     def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
         loss = record.get("train/loss")
@@ -180,13 +189,13 @@ class NanGuard(Callback):
         if not math.isfinite(loss):  # the window's mean over all processes: the same verdict everywhere
             self._stop(engine, self._first_bad(engine))
         self._plan(engine.state.step)
-        self._forget()
+        self._forget(engine.state.step)
 
     # --------------------------------------------------------------------------------------------- skip mode --
     def before_optimizer_step(self, engine: Engine) -> None:  # skip mode only (see `idle_hooks`)
-        self._keep(engine.state.loss, engine.state.step + 1)  # the step's last micro-batch; earlier: in fit_step
+        self._keep(engine.state.loss)  # the step's last micro-batch; earlier: in fit_step
         index = self._first_bad(engine)
-        self._forget()
+        self._forget(engine.state.step)
         if index is None:
             return
         step = engine.state.step + 1

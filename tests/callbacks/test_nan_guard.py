@@ -108,3 +108,11 @@ def test_stop_at_the_end_of_an_epoch_before_its_evaluation():
     summary = tiny_engine(nan_from(2), epochs=3, log_every=100).fit()
     assert summary["status"] == "failed" and "at step 2 (epoch 0)" in summary["stop_reason"]
     assert summary["steps"] == 4 and summary["epochs"] == 0  # stopped before the epoch was closed
+
+
+def test_stop_names_the_step_across_short_accumulation_steps():
+    # 4 batches per epoch, 3 per step: each epoch ends with a short step of one batch (steps 2, 4, 6, ...), so the
+    # kept losses are not 3 per step; the NaN of step 5 (epoch 2), found at the last step, is still named exactly
+    cls = type("NanAt5", (NanAt,), {"bad": frozenset({5})})
+    summary = tiny_engine(cls, steps=8, grad_accum=3, log_every=100, eval_every=100).fit()
+    assert summary["status"] == "failed" and "at step 5 (epoch 2)" in summary["stop_reason"]
