@@ -147,8 +147,8 @@ class Engine:
         self._log_next: dict[str, Any] = {}
         self._hooks: dict[str, Callable[..., None]] = {}  # what each hook runs, resolved once (`_bind_hooks`)
         self._log_handlers: list[Callable[[Engine, dict[str, Any]], None]] = []
-        self._read_on_host = False
-        self.loss_window = LossWindow()  # training losses since the last log record, on the device
+        self.loss_window = LossWindow()  # training losses since the last log record
+        self.losses_on_host = False  # see `_read_losses_on_host`
         self.epoch_start_rng: dict[str, Any] | None = None
         self._prepared = False
         self.start_time = 0.0
@@ -254,16 +254,21 @@ class Engine:
                 m.to(acc.device)
         if self.optimizer is not None:
             self.driver = OptimizerDriver(acc, self.optimizer)
-        # Between two records the window holds `log_every` steps of micro-batches: only a longer one needs folding.
-        self._read_on_host = on_cpu and not self._distributed  # log steps read the losses without a device op
-        longest = self.config.log_every * acc.gradient_accumulation_steps
-        self._keep_loss = self.loss_window.loss.append if longest <= FOLD else self.loss_window.append
+        self._read_losses_on_host(on_cpu and not self._distributed)
         self._bind_hooks()
         self._prepared = True
         if self.resume_from is not None:
             from accelengine.restart import restore
 
             restore(self, self.resume_from)
+
+    def _read_losses_on_host(self, on_host: bool) -> None:
+        """One CPU process reads each training loss as it is made (a float: nothing to synchronise with, no tensor
+        kept alive; see `loss_window`); elsewhere the losses stay on the device until a log step reads them back."""
+        self.losses_on_host = self.loss_window.on_host = on_host
+        # Between two records the window holds `log_every` steps of micro-batches: only a longer one needs folding.
+        longest = self.config.log_every * self.accelerator.gradient_accumulation_steps
+        self._keep_loss = self.loss_window.loss.append if longest <= FOLD else self.loss_window.append
 
     @property
     def steps_per_epoch(self) -> int:
@@ -407,8 +412,9 @@ class Engine:
     def fit_step(self, batch: Any) -> None:
         """Forward, backward; on the last micro-batch of an accumulation: clip, optimizer and scheduler step.
 
-        Sets `state.loss` (this micro-batch's total loss, detached), `state.losses` (what `compute_loss` returned)
-        and `state.optimizer_stepped` before `before_optimizer_step`, and keeps the loss terms for the next log
+        Sets `state.loss` (this micro-batch's total loss, detached; on one CPU process also `state.loss_value`, its
+        float), `state.losses` (what `compute_loss` returned) and `state.optimizer_stepped` before
+        `before_optimizer_step`, and keeps the loss terms for the next log
         record."""
         if self.driver.accumulating:  # Accelerate says which micro-batch ends a step, and skips DDP's sync before it
             with self.accelerator.accumulate(self.model):
@@ -420,7 +426,11 @@ class Engine:
         state, driver = self.state, self.driver
         losses = self.compute_loss(batch)
         loss = losses if isinstance(losses, torch.Tensor) else _total_loss(losses)
-        state.loss = detached = loss.detach()
+        if self.losses_on_host:  # one CPU process: read now, as a float (no sync there; nothing kept: `loss_window`)
+            state.loss_value = entry = loss.item()
+            state._loss = loss  # `state.loss` detaches it if a callback reads it
+        else:
+            state._loss = entry = loss.detach()  # kept until the log step: not the graph
         state.losses, state.optimizer_stepped = losses, ends_step
         driver.backward(loss)
         if ends_step:
@@ -430,8 +440,8 @@ class Engine:
                 self.scheduler.step()
             driver.zero_grad()
             state.step += 1
-        if losses is loss:  # one term: a reference is kept, nothing is computed (see `loss_window`)
-            self._keep_loss(detached)
+        if losses is loss:  # one term: its reference, or on the host its value, is kept (see `loss_window`)
+            self._keep_loss(entry)
         else:
             self.loss_window.add(_logged_terms(loss, losses))
 
@@ -460,7 +470,7 @@ class Engine:
     def _log_train(self) -> None:
         extra, self._log_next = self._log_next, {}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
-        if self._read_on_host:  # one CPU process: the values are in host memory, nothing to synchronise with
+        if self.losses_on_host:  # one CPU process: the values were read as they were made
             names, values = self.loss_window.take_floats()
             values += [t.item() for t in tensors.values()]
         else:

@@ -16,7 +16,8 @@ class State:
     batch_in_epoch: int = 0
     # per-batch scratch, not checkpointed: the current batch, its losses and whether it ended an optimizer step
     batch: Any = None
-    loss: Any = None
+    _loss: Any = field(default=None, repr=False)  # see `loss`
+    loss_value: float | None = None  # `loss` as a float where the engine reads it anyway (one CPU process), else None
     losses: dict[str, Any] = field(default_factory=dict)
     optimizer_stepped: bool = False
     eval_split: str = ""
@@ -45,6 +46,17 @@ class State:
         "should_stop",
         "stop_reason",
     )
+
+    @property
+    def loss(self) -> Any:
+        """This micro-batch's total loss, detached. On the host the engine keeps it as computed and detaches it only
+        when it is read here (a detach costs about as much as reading the value)."""
+        loss = self._loss
+        return loss.detach() if getattr(loss, "requires_grad", False) else loss
+
+    @loss.setter
+    def loss(self, value: Any) -> None:
+        self._loss = value
 
     def request_stop(self, reason: str, failed: bool = False) -> None:
         """Ask the loop to stop at the next step boundary (callbacks call this: early stopping, wall time...);

@@ -272,9 +272,9 @@ def test_seeded_runs_are_identical(make_engine):
     assert a["final"] == b["final"] and a["last_train"] == b["last_train"]
 
 
-def test_host_read_and_device_read_back_log_the_same_records(make_engine):
-    """One CPU process reads the log step's values on the host; elsewhere they are stacked on the device and read
-    back in one go. Both paths give the same records (losses and a monitor's device value alike)."""
+def test_host_losses_and_device_read_back_log_the_same_records(make_engine):
+    """One CPU process reads each loss as a float when it is made; elsewhere the losses are stacked on the device at
+    a log step and read back in one go. Both give the same records (losses and a monitor's device value alike)."""
     from accelengine.callbacks import GradNormMonitor
 
     def records(read_on_host):
@@ -283,8 +283,8 @@ def test_host_read_and_device_read_back_log_the_same_records(make_engine):
             callbacks=[GradNormMonitor(), rec], config=TrainerConfig(steps=7, log_every=3, device="cpu")
         )
         engine.setup()
-        assert engine._read_on_host  # what a one-process CPU run uses
-        engine._read_on_host = read_on_host
+        assert engine.losses_on_host  # what a one-process CPU run uses
+        engine._read_losses_on_host(read_on_host)
         engine.fit()
         return [r for r in rec.records if "train/loss" in r]
 
@@ -293,3 +293,19 @@ def test_host_read_and_device_read_back_log_the_same_records(make_engine):
     for a, b in zip(host, device, strict=True):
         assert a == pytest.approx(b, rel=1e-6)
     assert {"train/loss", "train/grad_norm", "train/lr"} <= set(host[0])
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_loss_value_is_the_float_of_the_loss_on_the_host_only(make_engine, on_host):
+    seen = []
+
+    class Reads(Callback):
+        def before_optimizer_step(self, engine):
+            seen.append((engine.state.loss_value, engine.state.loss.item(), engine.state.loss.requires_grad))
+
+    engine = make_engine(callbacks=[Reads()], config=TrainerConfig(steps=3, device="cpu"))
+    engine.setup()
+    engine._read_losses_on_host(on_host)
+    engine.fit()
+    assert len(seen) == 3 and not any(attached for _, _, attached in seen)
+    assert all((value == loss) if on_host else value is None for value, loss, _ in seen)

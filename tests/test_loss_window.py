@@ -62,21 +62,54 @@ def test_load_refuses_a_window_that_does_not_add_up():
         LossWindow().load_state_dict(state)
 
 
-def test_take_floats_reads_the_same_means_on_the_host(monkeypatch):
-    """The CPU path (values read directly, summed in Python) gives the device path's means, folds and terms
-    included, and starts a new window the same way."""
+@pytest.mark.parametrize("on_host", [False, True], ids=["device-window", "host-window"])
+def test_take_floats_reads_the_same_means_on_the_host(monkeypatch, on_host):
+    """`take_floats` (values summed in Python) gives `take`'s means, folds and terms included, whether the window
+    holds tensors or, on the host, floats read as they came; and it starts a new window the same way."""
     monkeypatch.setattr(loss_window, "FOLD", 4)
 
-    def filled():
-        window = LossWindow()
+    def filled(host):
+        window = LossWindow(on_host=host)
         for i, v in enumerate(values(11)):
             window.add({"loss": v, "kl": v * 2} if i % 3 else {"loss": v})
-        window.append(torch.tensor([0.5]))  # a (1,)-shaped loss beside 0-dim ones
+        extra = torch.tensor([0.5])  # a (1,)-shaped loss beside 0-dim ones
+        window.append(extra.item() if host else extra)
         return window
 
-    on_device, on_host = filled(), filled()
+    on_device, other = filled(False), filled(on_host)
+    if on_host:
+        assert all(type(v) is float for v in other.loss) and type(other.folded["loss"][0]) is float
     names, means = on_device.take()
-    host_names, host_means = on_host.take_floats()
+    host_names, host_means = other.take_floats()
     assert host_names == names == ["loss", "kl"]
     assert host_means == pytest.approx(means.tolist(), rel=1e-6)
-    assert len(on_host) == 0 and on_host.take_floats() == ([], [])
+    assert len(other) == 0 and other.take_floats() == ([], [])
+
+
+@pytest.mark.parametrize("saved_on_host", [False, True])
+@pytest.mark.parametrize("loaded_on_host", [False, True])
+def test_state_dict_round_trip_between_host_and_device_windows(monkeypatch, saved_on_host, loaded_on_host):
+    """A host window saves its floats exactly (float64); either kind of window loads either kind of save, and the
+    resumed run's next mean is the uninterrupted one (bit for bit when both are the same kind)."""
+    monkeypatch.setattr(loss_window, "FOLD", 4)
+    losses = values(10, seed=5)
+
+    def entry(v, on_host):
+        return v.item() if on_host else v
+
+    straight = LossWindow(on_host=loaded_on_host)
+    for v in losses:
+        straight.append(entry(v, loaded_on_host))
+    first = LossWindow(on_host=saved_on_host)
+    for v in losses[:6]:
+        first.append(entry(v, saved_on_host))
+    resumed = LossWindow(on_host=loaded_on_host)
+    resumed.load_state_dict(first.state_dict())
+    assert len(resumed) == 6
+    for v in losses[6:]:
+        resumed.append(entry(v, loaded_on_host))
+    a, b = straight.take_floats()[1], resumed.take_floats()[1]
+    if saved_on_host == loaded_on_host:
+        assert a == b
+    else:
+        assert a == pytest.approx(b, rel=1e-6)

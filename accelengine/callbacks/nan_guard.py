@@ -32,6 +32,8 @@ class NanGuard(Callback):
     losses kept since the last check (references only, nothing is computed per step) in one go. So no checkpoint is
     saved after a bad step: the latest checkpoint stays the last good one. The weights are damaged from the bad step
     on, which does not matter as the run stops; it may run up to `log_every` steps past the bad one before stopping.
+    On one CPU process, where the engine reads every loss as a float anyway (`state.loss_value`), each micro-batch
+    is checked as it is made, at no cost: the run stops at the bad step itself.
 
     `mode="skip"` drops the update of every step whose loss (any micro-batch of it) is not finite: the gradients are
     discarded before the optimizer steps (with fp16, the gradient scaler skips such steps itself). The step still
@@ -56,7 +58,10 @@ class NanGuard(Callback):
         self.check_every = check_every
         self.max_pending = 256  # a forced check at least this often, so the kept references stay few
         self.skipped: list[int] = []
-        self._losses: list[torch.Tensor] = []  # every micro-batch's loss since the last check (stop mode)
+        # every micro-batch's loss since the last check (stop mode): detached tensors, or floats on the host (one CPU
+        # process: read at once, no sync to avoid there, and no CPU tensor kept alive; see `loss_window`)
+        self._losses: list[Any] = []
+        self._on_host = False
         # (index into `_losses`, optimizer steps done before it): where the kept losses start, and with accumulation
         # where each epoch's end (whose last step may be short) re-aligns them; `_step_of` names a loss's step
         self._starts: list[tuple[int, int]] = [(0, 0)]
@@ -80,6 +85,7 @@ class NanGuard(Callback):
         return ("after_fit_epoch",) if accumulating else ("fit_step", "after_fit_epoch")
 
     def before_fit(self, engine: Engine) -> None:
+        self._on_host = getattr(engine, "losses_on_host", False)
         cfg = engine.config
         ckpt = getattr(engine, "checkpoint_config", None)
         periods = [self.check_every, getattr(ckpt, "every_steps", None)]
@@ -114,9 +120,11 @@ class NanGuard(Callback):
         due.append(step + max(1, self.max_pending // self._accumulation))
         self._check_at = min(due)
 
-    def _keep(self, loss: Any) -> None:
-        if isinstance(loss, torch.Tensor):
-            self._losses.append(loss)  # `state.loss` is detached
+    def _keep(self, state: Any) -> None:
+        if self._on_host:
+            self._losses.append(state.loss_value)  # the engine read it as a float already
+        elif isinstance(state.loss, torch.Tensor):
+            self._losses.append(state.loss)  # `state.loss` is detached
 
     def _forget(self, step: int) -> None:
         """Drop the kept losses; those kept next are of the steps after `step` (always a step boundary)."""
@@ -135,6 +143,8 @@ class NanGuard(Callback):
         """Index of the first kept loss that is not finite on any process (one read-back)."""
         if not self._losses:
             return None
+        if self._on_host:
+            return next((i for i, value in enumerate(self._losses) if not math.isfinite(value)), None)
         try:
             losses = torch.stack(self._losses)
         except RuntimeError:  # losses of different shapes ((), (1,)): one reshape per value is slower but works
@@ -147,14 +157,17 @@ class NanGuard(Callback):
 
     def _stop(self, engine: Engine, index: int | None) -> None:
         if index is None:  # the logged mean says so, but no kept loss does (a loss the guard did not see)
+            self._report(engine, None, "nan")
+            return
+        local = float(self._losses[index])
+        self._report(engine, self._step_of(index), local if not math.isfinite(local) else "on another process")
+
+    def _report(self, engine: Engine, step: int | None, value: Any) -> None:
+        if step is None:
             where = f"in the steps up to {engine.state.step}"
-            value: Any = "nan"
         else:
-            step = self._step_of(index)
             epoch = (step - 1) // self._steps_per_epoch if self._steps_per_epoch else engine.state.epoch
             where = f"at step {step} (epoch {epoch})"
-            local = self._losses[index].float().item()
-            value = local if not math.isfinite(local) else "on another process"
         reason = f"non-finite loss ({value}) {where}; {FIXES}"
         logger.error(f"stopping: {reason}. Nothing is saved after it: the latest checkpoint is the last good one.")
         engine.state.request_stop(reason, failed=True)
@@ -166,7 +179,12 @@ class NanGuard(Callback):
         state = engine.state
         if self.mode == "skip":  # with accumulation only (`idle_hooks`): keep the micro-batches before the last
             if not state.optimizer_stepped:
-                self._keep(state.loss)
+                self._keep(state)
+            return
+        if self._on_host:  # the engine has read the loss: check it now
+            value = state.loss_value
+            if value - value != 0.0 and not state.failed:  # NaN or +-inf (and not already reported)
+                self._report(engine, state.step if state.optimizer_stepped else state.step + 1, value)
             return
         self._losses.append(state.loss)  # a reference (detached) for naming the bad step later; no device work
         if state.optimizer_stepped and state.step >= self._check_at:
@@ -186,14 +204,14 @@ class NanGuard(Callback):
         loss = record.get("train/loss")
         if self.mode != "stop" or loss is None:
             return  # not a training record
-        if not math.isfinite(loss):  # the window's mean over all processes: the same verdict everywhere
-            self._stop(engine, self._first_bad(engine))
+        if not math.isfinite(loss) and not engine.state.failed:  # the window's mean over all processes: the same
+            self._stop(engine, self._first_bad(engine))  # verdict everywhere (on the host: found at its step)
         self._plan(engine.state.step)
         self._forget(engine.state.step)
 
     # --------------------------------------------------------------------------------------------- skip mode --
     def before_optimizer_step(self, engine: Engine) -> None:  # skip mode only (see `idle_hooks`)
-        self._keep(engine.state.loss)  # the step's last micro-batch; earlier: in fit_step
+        self._keep(engine.state)  # the step's last micro-batch; earlier: in fit_step
         index = self._first_bad(engine)
         self._forget(engine.state.step)
         if index is None:

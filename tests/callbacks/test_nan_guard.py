@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from accelengine import CheckpointConfig, Engine, LogConfig
@@ -27,26 +28,38 @@ class NanAt(Engine):
         return loss
 
 
+def kept_on_device(engine):
+    """The engine as on an accelerator: losses kept as device tensors, not read as floats when made."""
+    engine.setup()
+    engine._read_losses_on_host(False)
+    return engine
+
+
 def nan_from(step: int) -> type[NanAt]:
     return type("NanFrom", (NanAt,), {"bad_from": step})
 
 
-def test_stop_names_the_step_and_waits_for_the_log_step():
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-floats", "device-tensors"])
+def test_stop_names_the_step_and_waits_for_the_log_step(on_host):
     engine = tiny_engine(nan_from(3), steps=12, log_every=4, eval_every=100)
-    summary = engine.fit()
+    summary = (engine if on_host else kept_on_device(engine)).fit()
     assert summary["status"] == "failed"
     assert summary["stop_reason"].startswith("non-finite loss (nan) at step 3 (epoch 0)")
     assert "max_grad_norm" in summary["stop_reason"]  # the fixes are named
-    assert summary["steps"] == 4  # found at the log step, not earlier: no read-back per step
+    # on a device: found at the log step, not earlier (no read-back per step); on the host every loss is read
+    # anyway, so the run stops at the bad step itself
+    assert summary["steps"] == (3 if on_host else 4)
 
 
-def test_stop_keeps_the_last_good_checkpoint_the_latest(tmp_path):
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-floats", "device-tensors"])
+def test_stop_keeps_the_last_good_checkpoint_the_latest(tmp_path, on_host):
     engine = tiny_engine(
         nan_from(5), out_dir=tmp_path, steps=12, log_every=4, eval_every=100, checkpoint=CheckpointConfig(every_steps=2)
     )
-    summary = engine.fit()
+    summary = (engine if on_host else kept_on_device(engine)).fit()
     assert summary["status"] == "failed" and "at step 5" in summary["stop_reason"]
-    assert summary["steps"] == 6  # checked at step 6 because a checkpoint was due there; none was written
+    # on a device: checked at step 6 because a checkpoint was due there, and none was written; on the host: at once
+    assert summary["steps"] == (5 if on_host else 6)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert saved == ["step-00000002", "step-00000004"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip().endswith("step-00000004")
@@ -103,16 +116,29 @@ def test_weights_untouched_before_training():
     assert set(w0) == set(weights(engine))
 
 
-def test_stop_at_the_end_of_an_epoch_before_its_evaluation():
-    # no log step inside the epoch: the epoch's end (evaluation, maybe a checkpoint) is where it is found
-    summary = tiny_engine(nan_from(2), epochs=3, log_every=100).fit()
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-floats", "device-tensors"])
+def test_stop_at_the_end_of_an_epoch_before_its_evaluation(on_host):
+    # on a device, with no log step inside the epoch, the epoch's end (evaluation, maybe a checkpoint) is where it
+    # is found; on the host, at the bad step
+    engine = tiny_engine(nan_from(2), epochs=3, log_every=100)
+    summary = (engine if on_host else kept_on_device(engine)).fit()
     assert summary["status"] == "failed" and "at step 2 (epoch 0)" in summary["stop_reason"]
-    assert summary["steps"] == 4 and summary["epochs"] == 0  # stopped before the epoch was closed
+    assert summary["steps"] == (2 if on_host else 4) and summary["epochs"] == 0  # stopped before the epoch closed
 
 
-def test_stop_names_the_step_across_short_accumulation_steps():
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-floats", "device-tensors"])
+def test_stop_names_the_step_across_short_accumulation_steps(on_host):
     # 4 batches per epoch, 3 per step: each epoch ends with a short step of one batch (steps 2, 4, 6, ...), so the
     # kept losses are not 3 per step; the NaN of step 5 (epoch 2), found at the last step, is still named exactly
     cls = type("NanAt5", (NanAt,), {"bad": frozenset({5})})
-    summary = tiny_engine(cls, steps=8, grad_accum=3, log_every=100, eval_every=100).fit()
+    engine = tiny_engine(cls, steps=8, grad_accum=3, log_every=100, eval_every=100)
+    summary = (engine if on_host else kept_on_device(engine)).fit()
     assert summary["status"] == "failed" and "at step 5 (epoch 2)" in summary["stop_reason"]
+
+
+def test_host_check_reports_the_first_bad_micro_batch_once(capsys):
+    # every micro-batch from step 2 on is NaN (3 per step, then the log record too): one report, naming step 2
+    engine = tiny_engine(nan_from(2), steps=6, grad_accum=3, log_every=2, eval_every=100)
+    summary = engine.fit()
+    assert summary["status"] == "failed" and "at step 2 (epoch 0)" in summary["stop_reason"]
+    assert summary["steps"] == 2 and capsys.readouterr().out.count("stopping: non-finite loss") == 1
