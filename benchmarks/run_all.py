@@ -40,15 +40,15 @@ class Job:
 
 
 JOBS: dict[str, Job] = {
-    "overhead_tiny": Job("overhead.py", ["--steps", "300", "--rounds", "15"], ["--steps", "30", "--rounds", "2"]),
+    "overhead_tiny": Job("overhead.py", ["--steps", "300", "--rounds", "21"], ["--steps", "30", "--rounds", "2"]),
     "overhead_2048": Job(
         "overhead.py",
-        ["--hidden", "2048", "--steps", "200", "--rounds", "9", "--warmup", "20"],
+        ["--hidden", "2048", "--steps", "300", "--rounds", "15", "--warmup", "50"],
         ["--hidden", "2048", "--steps", "5", "--rounds", "1", "--warmup", "2"],
     ),
     "data": Job("data_throughput.py", ["--rounds", "11"], ["--samples", "2000", "--rounds", "1"]),
     "startup": Job("startup.py", ["--rounds", "7", "--cli-rounds", "3"], ["--rounds", "1", "--cli-rounds", "1"]),
-    "checkpoint": Job("checkpoint_figures.py", ["--runs", "7"], ["--params", "200000", "--runs", "1"]),
+    "checkpoint": Job("checkpoint_figures.py", ["--runs", "11"], ["--params", "200000", "--runs", "1"]),
     "resume_skip": Job("resume_skip.py", ["--rounds", "7"], ["--batches", "1000", "--rounds", "1"]),
     # someone else's script: no --json flag, it prints its JSON (indented) on its own
     "callbacks": Job("callback_overhead.py", ["--steps", "2000", "--runs", "5"], ["--steps", "50", "--runs", "1"]),
@@ -145,8 +145,9 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
             how = (
                 f"`overhead.py`: MLP 64-{o['hidden']}-10, batch {o['batch']}, SGD, 1 thread; raw loop, hand-written "
                 f"Accelerate loop and engine (logging every {o['log_every']} steps) alternated, {o['rounds']} rounds x "
-                f"{o['steps']} steps after {o['warmup']} warm-up; per-step times are medians over rounds. Ratio: the "
-                "median of each round's own ratio (paired: drift cancels), on which the target is judged"
+                f"{o['steps']} steps after {o['warmup']} warm-up, each run from a trimmed heap; no per-step timer (the "
+                "engine is timed between two log steps); per-step times are medians over rounds. Ratio: the median of "
+                "each round's own ratio (paired: drift cancels), on which the target is judged"
             )
             return [
                 Row(
