@@ -414,8 +414,8 @@ class Engine:
 
         Sets `state.loss` (this micro-batch's total loss, detached; on one CPU process also `state.loss_value`, its
         float), `state.losses` (what `compute_loss` returned) and `state.optimizer_stepped` before
-        `before_optimizer_step`, and keeps the loss terms for the next log
-        record."""
+        `before_optimizer_step`, and keeps the loss terms for the next log record. Without accumulation the engine
+        runs `_micro_batch` directly (one call less per step) unless a subclass overrides this method."""
         if self.driver.accumulating:  # Accelerate says which micro-batch ends a step, and skips DDP's sync before it
             with self.accelerator.accumulate(self.model):
                 self._micro_batch(batch, self.accelerator.sync_gradients)

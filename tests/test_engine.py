@@ -309,3 +309,21 @@ def test_loss_value_is_the_float_of_the_loss_on_the_host_only(make_engine, on_ho
     engine.fit()
     assert len(seen) == 3 and not any(attached for _, _, attached in seen)
     assert all((value == loss) if on_host else value is None for value, loss, _ in seen)
+
+
+def test_overridden_fit_step_runs_and_trains_like_the_direct_binding(make_engine):
+    """Without accumulation the engine binds `fit_step` to the micro-batch itself; a subclass that overrides
+    `fit_step` is called instead, every step, and (calling super) trains exactly alike."""
+    calls = []
+
+    class Counting(Engine):
+        def fit_step(self, batch):
+            calls.append(self.state.step)
+            super().fit_step(batch)
+
+    direct, counted = make_engine(), make_engine(Counting)
+    direct.fit()
+    counted.fit()
+    assert calls == list(range(12))  # 2 epochs x 6 batches, before each step's optimizer step
+    for a, b in zip(direct.model.parameters(), counted.model.parameters(), strict=True):
+        assert torch.equal(a, b)
