@@ -18,7 +18,8 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,23 +230,43 @@ def restore(engine: Engine, path: Path) -> None:
                 f"checkpoint {path} {have} {name} state but this run {'has none' if target is None else 'has one'}"
             )
         if target is not None:
-            target.load_state_dict(parts[name])
+            with _part(path, name):
+                target.load_state_dict(parts[name])
     saved_callbacks = dict(parts.get("callbacks", {}))
     for cb in engine.callbacks:
         if hasattr(cb, "load_state_dict"):
             if cb.key in saved_callbacks:
-                cb.load_state_dict(saved_callbacks.pop(cb.key))
+                with _part(path, f"callbacks.{cb.key}"):
+                    cb.load_state_dict(saved_callbacks.pop(cb.key))
             else:
                 logger.warning("checkpoint %s has no state for callback %s: it starts fresh", path, cb.key)
     for key in saved_callbacks:
         logger.warning("checkpoint %s holds state for callback %s, which this run does not have", path, key)
-    engine_state = dict(parts["engine"])
-    acc.step = engine_state.pop("accumulation_counter")
-    engine.state.load_state_dict(engine_state)
-    engine.loss_window.load_state_dict(parts["losses"], device=acc.device)
-    set_rng_state(parts["rng"]["now"])
-    engine.epoch_start_rng = parts["rng"]["epoch_start"]
+    with _part(path, "engine"):
+        engine_state = dict(parts["engine"])
+        acc.step = engine_state.pop("accumulation_counter")
+        engine.state.load_state_dict(engine_state)
+    with _part(path, "losses"):
+        engine.loss_window.load_state_dict(parts["losses"], device=acc.device)
+    with _part(path, "rng"):
+        set_rng_state(parts["rng"]["now"])
+        engine.epoch_start_rng = parts["rng"]["epoch_start"]
     logger.info("resumed from %s (epoch %d, step %d)", path, engine.state.epoch, engine.state.step)
+
+
+@contextmanager
+def _part(path: Path, part: str) -> Iterator[None]:
+    """Name the checkpoint and its part when what it holds does not fit this run (a checksum-valid checkpoint can
+    still come from another version of a callback or of the engine)."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        raise EngineError(
+            f"checkpoint {path}: its `{part}` state does not fit this run ({type(err).__name__}: {err}); resume from "
+            "another checkpoint (`--resume PATH`) or start a new run"
+        ) from err
 
 
 def load_weights(engine: Engine, source: str | Path) -> None:

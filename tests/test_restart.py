@@ -290,3 +290,26 @@ def test_pickle_payload_in_checkpoint_is_never_unpickled(tmp_path):
     engine = build(out, steps=8, resume=plan_resume(out, "auto"))
     engine.fit()
     assert not marker.exists() and engine.state.step == 8
+
+
+@pytest.mark.parametrize("part", ["losses", "engine", "optimizer"])
+def test_a_part_that_does_not_fit_is_named_not_loaded(tmp_path, part):
+    """A checksum-valid checkpoint whose contents do not fit this run (another version wrote it) is refused with
+    an error naming the checkpoint and the part, not a traceback from deep inside a `load_state_dict`."""
+    from accelengine.checkpoint import CheckpointManager
+
+    out = tmp_path / "run"
+    build(out, steps=4).fit()
+    saved = read_checkpoint(find_latest(out / "checkpoints"))
+    parts = dict(saved.parts)
+    if part == "losses":
+        parts["losses"] = dict(parts["losses"], micro_batches=parts["losses"]["micro_batches"] + 1)
+    elif part == "engine":
+        parts["engine"] = {k: v for k, v in parts["engine"].items() if k != "accumulation_counter"}
+    else:
+        parts["optimizer"] = dict(parts["optimizer"], param_groups=[])
+    per_rank = {k: parts.pop(k) for k in ("rng", "losses")}
+    bad = CheckpointManager(tmp_path / "edited").save("step-00000004", shared=parts, per_rank=per_rank, meta=saved.meta)
+    engine = build(tmp_path / "resumed", steps=8, resume=bad)
+    with pytest.raises(EngineError, match=rf"{bad}: its `{part}` state does not fit this run"):
+        engine.fit()
