@@ -133,7 +133,7 @@ def fresh_heap() -> None:
     """Start each contestant from the same heap: free what the last one left and give the C heap's free pages back
     (glibc `malloc_trim`). Otherwise a contestant inherits the previous one's fragmentation, and with megabyte-sized
     activations (hidden 2048) glibc may return and re-fault pages on every step of whoever runs next: thousands of
-    page faults and 5-15 % slower steps, landing on a different contestant each round."""
+    page faults and up to 10 % slower steps, landing on a different contestant each round."""
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

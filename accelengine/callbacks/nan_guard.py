@@ -204,8 +204,10 @@ class NanGuard(Callback):
         loss = record.get("train/loss")
         if self.mode != "stop" or loss is None:
             return  # not a training record
+        if self._on_host:
+            return  # every loss was checked as it was made
         if not math.isfinite(loss) and not engine.state.failed:  # the window's mean over all processes: the same
-            self._stop(engine, self._first_bad(engine))  # verdict everywhere (on the host: found at its step)
+            self._stop(engine, self._first_bad(engine))  # verdict everywhere
         self._plan(engine.state.step)
         self._forget(engine.state.step)
 
