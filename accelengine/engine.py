@@ -162,7 +162,10 @@ class Engine:
             "mixed_precision": cfg.mixed_precision,
             # We never hand the scheduler to Accelerate, so it steps exactly once per optimizer step.
             "step_scheduler_with_optimizer": False,
-            "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.seed),
+            # Pinned batches are copied to the device without waiting for the copy (no host-device synchronisation).
+            "dataloader_config": DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=self.seed, non_blocking=self.data_config.pin_memory
+            ),
         }
         if cfg.grad_accum is not None:
             # A plugin, because a plain `gradient_accumulation_steps=` loses to the launcher's environment variable.

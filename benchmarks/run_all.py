@@ -37,6 +37,7 @@ class Job:
     args: list[str]
     quick_args: list[str]
     timeout_s: int = 600
+    needs_cuda: bool = False  # measured only where a CUDA device is present (its quick arguments run anywhere)
 
 
 JOBS: dict[str, Job] = {
@@ -50,7 +51,13 @@ JOBS: dict[str, Job] = {
     "startup": Job("startup.py", ["--rounds", "7", "--cli-rounds", "3"], ["--rounds", "1", "--cli-rounds", "1"]),
     "checkpoint": Job("checkpoint_figures.py", ["--runs", "11"], ["--params", "200000", "--runs", "1"]),
     "resume_skip": Job("resume_skip.py", ["--rounds", "7"], ["--batches", "1000", "--rounds", "1"]),
-    # someone else's script: no --json flag, it prints its JSON (indented) on its own
+    "gpu_lm": Job(
+        "gpu_lm.py",
+        ["--steps", "100", "--rounds", "3"],
+        ["--tiny", "--steps", "5", "--warmup", "2", "--rounds", "1"],
+        needs_cuda=True,
+    ),
+    # it prints its JSON (indented) without being asked: no --json flag
     "callbacks": Job("callback_overhead.py", ["--steps", "2000", "--runs", "5"], ["--steps", "50", "--runs", "1"]),
 }
 NO_JSON_FLAG = {"callback_overhead.py"}
@@ -297,6 +304,32 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
             )
         ],
     )
+
+    def gpu_lm(g: dict[str, Any]) -> list[Row]:
+        figure = "~100M-parameter transformer LM in bf16: engine vs hand-written loop, tokens/s"
+        if "not_measured" in g:
+            return [Row(figure, f"not measured: {g['not_measured']}", "-", "within 2%", _met(None), "`gpu_lm.py`")]
+        return [
+            Row(
+                figure + ("" if not g["tiny"] else " (tiny model, not the figure)"),
+                f"{g['engine_tokens_per_s']:,} vs {g['hand_written_tokens_per_s']:,} tokens/s on {g['device']}",
+                f"{g['engine_vs_hand_written_paired']}x (of medians {g['engine_vs_hand_written']}x)",
+                ">= 0.98x",
+                _met(g["engine_vs_hand_written_paired"] >= 0.98 if not g["tiny"] else None),
+                f"`gpu_lm.py`: {g['params']:,} parameters, {g['tokens_per_step']:,} tokens per step, AdamW, bf16 "
+                f"autocast, {g['rounds']} alternated rounds x {g['steps']} steps",
+            ),
+            Row(
+                "No host-device synchronisation between log steps (GPU)",
+                f'{g["sync_free_steps"]} steps ran under `torch.cuda.set_sync_debug_mode("error")`',
+                "-",
+                "none",
+                _met(g["sync_free_steps"] > 0 if g["device"] != "cpu" else None),
+                "`gpu_lm.py`: any synchronising call between two log steps raises, failing the run",
+            ),
+        ]
+
+    add("gpu_lm", gpu_lm)
     add(
         "callbacks",
         lambda c: [
@@ -313,6 +346,12 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
         ],
     )
     return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def markdown(results: dict[str, dict[str, Any]], info: dict[str, str], quick: bool, seconds: float) -> str:
@@ -367,6 +406,9 @@ def main() -> None:
     failed: dict[str, str] = {}
     for name, job in JOBS.items():
         if args.only and name not in args.only:
+            continue
+        if job.needs_cuda and not args.quick and not _cuda():
+            results[name] = {"not_measured": "no CUDA device on this machine"}
             continue
         print(f"running {name}: {job.script} ...", file=sys.stderr, flush=True)
         try:

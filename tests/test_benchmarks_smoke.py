@@ -65,6 +65,12 @@ CASES = {
         | {"load_ratio_vs_touched", "load_ratio_vs_lazy_mmap", "save_ratio_of_minimums", "load_ratio_of_minimums"}
         | {"save_mb_per_s", "load_mb_per_s", "verify_mb_per_s"},
     ),
+    "gpu_lm": (
+        "gpu_lm",
+        ["--tiny", "--steps", "3", "--warmup", "2", "--rounds", "1"],
+        {"hand_written_tokens_per_s", "engine_tokens_per_s", "engine_vs_hand_written", "engine_vs_hand_written_paired"}
+        | {"sync_free_steps", "device", "params", "tokens_per_step", "tiny"},
+    ),
     "resume_skip": (
         "resume_skip",
         ["--batches", "50", "--rounds", "1"],
@@ -75,9 +81,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("job", list(CASES))
-def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch):
+def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch, request):
     if job == "data":
         pytest.importorskip("datasets")
+    if job == "gpu_lm":  # its engine runs in bf16: Accelerate keeps one precision per process, so start afresh
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     script, args, keys = CASES[job]
     result = run_main(script, [*args, "--json"], capsys, monkeypatch)
     assert keys <= set(result), f"{script} lost keys: {sorted(keys - set(result))}"

@@ -32,7 +32,9 @@ class DataSection:
 
     batch_size: int = field(default=32, metadata=doc("default per-process batch size"))
     num_workers: int = field(default=0, metadata=doc("default loader worker processes"))
-    pin_memory: bool = field(default=False, metadata=doc("pin host memory (useful with GPUs)"))
+    pin_memory: bool = field(
+        default=False, metadata=doc("pin host memory (with GPUs: batches then reach the device without a sync)")
+    )
     input_key: str = field(default="input", metadata=doc("column holding the model input when batches are dicts"))
     target_key: str = field(default="label", metadata=doc("column holding the target when batches are dicts"))
     loaders: dict[str, LoaderSection] = field(
