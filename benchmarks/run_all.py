@@ -44,7 +44,7 @@ JOBS: dict[str, Job] = {
     "overhead_tiny": Job("overhead.py", ["--steps", "300", "--rounds", "21"], ["--steps", "30", "--rounds", "2"]),
     "overhead_2048": Job(
         "overhead.py",
-        ["--hidden", "2048", "--steps", "300", "--rounds", "15", "--warmup", "50"],
+        ["--hidden", "2048", "--steps", "300", "--rounds", "21", "--warmup", "50", "--no-plain-loader"],
         ["--hidden", "2048", "--steps", "5", "--rounds", "1", "--warmup", "2"],
     ),
     "data": Job("data_throughput.py", ["--rounds", "11"], ["--samples", "2000", "--rounds", "1"]),
