@@ -137,7 +137,8 @@ class NanGuard(Callback):
         return steps_done + (index - start) // self._accumulation + 1
 
     def after_fit_epoch(self, engine: Engine) -> None:  # stop mode with accumulation (`idle_hooks`)
-        self._starts.append((len(self._losses), engine.state.step))
+        if not self._on_host:  # on the host each loss is checked as it comes: nothing is kept to name later
+            self._starts.append((len(self._losses), engine.state.step))
 
     def _first_bad(self, engine: Engine) -> int | None:
         """Index of the first kept loss that is not finite on any process (one read-back)."""
