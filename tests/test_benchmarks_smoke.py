@@ -95,6 +95,19 @@ def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch, req
     RESULTS[job] = result
 
 
+@pytest.mark.gpu
+def test_gpu_lm_steps_between_log_steps_never_synchronise(capsys, monkeypatch, request):
+    """On CUDA the engine's steps between two log steps run under `set_sync_debug_mode("error")`: a hidden
+    host-device synchronisation (a `.item()`, a blocking copy) would raise and fail the run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the engine runs in bf16 here
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    args = ["--tiny", "--steps", "60", "--warmup", "2", "--rounds", "1", "--json"]
+    result = run_main("gpu_lm", args, capsys, monkeypatch)
+    assert result["device"] != "cpu" and result["sync_free_steps"] >= 100  # steps 50..150 of a 150-step run
+
+
 def test_checkpoint_figures_time_every_baseline(capsys, monkeypatch):
     result = RESULTS.get("checkpoint") or run_main(
         "checkpoint_figures", ["--params", "20000", "--runs", "1", "--json"], capsys, monkeypatch
