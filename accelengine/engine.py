@@ -304,6 +304,9 @@ class Engine:
                     fn = _every_n_steps(fn, cb.every_n_steps, ahead=hook == "before_optimizer_step")
                 elif cb.every_n_epochs and hook in EPOCH_HOOKS:
                     fn = _every_n_epochs(fn, cb.every_n_epochs)
+                elif getattr(fn, "__self__", None) is cb:  # a method: call its function, no bound method per call
+                    handlers.append(partial(fn.__func__, cb, self))
+                    continue
                 handlers.append(partial(fn, self))
             self._hooks[hook] = _dispatcher(own, handlers)
         before_update = self._hooks["before_optimizer_step"]

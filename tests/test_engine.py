@@ -327,3 +327,18 @@ def test_overridden_fit_step_runs_and_trains_like_the_direct_binding(make_engine
     assert calls == list(range(12))  # 2 epochs x 6 batches, before each step's optimizer step
     for a, b in zip(direct.model.parameters(), counted.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_hook_replaced_on_the_instance_is_the_one_called(make_engine):
+    """Handlers are bound once; a hook a callback's instance replaces (a wrapper that times it, say) is what runs."""
+    calls = []
+
+    class Cb(Callback):
+        def after_fit_step(self, engine):
+            calls.append("class")
+
+    cb = Cb()
+    original = cb.after_fit_step
+    cb.after_fit_step = lambda engine: (calls.append("instance"), original(engine))
+    make_engine(callbacks=[cb], config=TrainerConfig(steps=2, device="cpu")).fit()
+    assert calls == ["instance", "class"] * 2
