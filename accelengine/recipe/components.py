@@ -99,10 +99,10 @@ def ensure_import_paths(recipe_dir: Path | None = None) -> None:
 def resolve(target: str) -> Any:
     """Import the object a dotted path (or a built-in short name) names. Raises ImportError/AttributeError."""
     dotted = BUILTINS.get(target, target)
-    if "." not in dotted:
+    parts = dotted.split(".")
+    if len(parts) < 2 or not _is_dotted(dotted):  # also `.`, `a..b`, `pkg.9x`
         raise ImportError(f"`{target}` is neither a built-in name nor a dotted path like `package.module.Name`")
     # walk back until a module imports, so `torch.nn.CrossEntropyLoss` and `pkg.mod.Class.method` both work
-    parts = dotted.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:cut]))
@@ -114,6 +114,11 @@ def resolve(target: str) -> Any:
             obj = getattr(obj, name)
         return obj
     raise ImportError(f"no module named `{parts[0]}`")
+
+
+def _is_dotted(name: str) -> bool:
+    """`package.module.Name` or `module`: identifiers joined by single dots (what `import_module` accepts)."""
+    return all(part.isidentifier() for part in name.split("."))
 
 
 # Long spellings users type for short parameter names, so `lerning_rate` still finds `lr`.
@@ -139,8 +144,8 @@ def check_component(
         obj = resolve(spec.target)
     except (ImportError, AttributeError) as err:
         hint = _suggest(spec.target, list(BUILTINS))
-        if not hint and "." in spec.target:
-            module_name, _, attr = spec.target.rpartition(".")
+        module_name, _, attr = spec.target.rpartition(".")
+        if not hint and _is_dotted(module_name):
             try:
                 module = importlib.import_module(module_name)
                 hint = _suggest(attr, [n for n in dir(module) if not n.startswith("_")])

@@ -105,6 +105,12 @@ def test_unimportable_dotted_path_suggests_attribute():
     assert msg.startswith("optim._component_|") and "torch.optim.AdamW" in msg
 
 
+@pytest.mark.parametrize("target", [".", "torch..nn.Linear", ".torch.nn", "torch.nn.", "torch.9nn"])
+def test_malformed_dotted_path_is_a_recipe_error(target):
+    msg = one(BASE.replace('loss = "cross_entropy"', f'loss = "{target}"'))
+    assert msg.startswith("loss._component_|") and "dotted path" in msg
+
+
 def test_runtime_argument_in_recipe_is_refused():
     msg = one(BASE.replace("lr = 1e-3", "lr = 1e-3, params = 1"))
     assert msg.startswith("optim.params|") and "supplied by the engine" in msg
