@@ -36,6 +36,17 @@ def _engine_logger_enabled():
     logger.disabled = disabled
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """`gpu_lm` runs its engine in bf16, and Accelerate keeps one precision per process: start from a fresh state,
+    and leave one behind for the tests after it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def run_main(script: str, args: list[str], capsys, monkeypatch) -> dict:
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
     load(script).main()
@@ -84,11 +95,8 @@ CASES = {
 def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch, request):
     if job == "data":
         pytest.importorskip("datasets")
-    if job == "gpu_lm":  # its engine runs in bf16: Accelerate keeps one precision per process, so start afresh
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    if job == "gpu_lm":
+        request.getfixturevalue("fresh_accelerate_state")
     script, args, keys = CASES[job]
     result = run_main(script, [*args, "--json"], capsys, monkeypatch)
     assert keys <= set(result), f"{script} lost keys: {sorted(keys - set(result))}"
@@ -96,13 +104,9 @@ def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch, req
 
 
 @pytest.mark.gpu
-def test_gpu_lm_steps_between_log_steps_never_synchronise(capsys, monkeypatch, request):
+def test_gpu_lm_steps_between_log_steps_never_synchronise(capsys, monkeypatch, fresh_accelerate_state):
     """On CUDA the engine's steps between two log steps run under `set_sync_debug_mode("error")`: a hidden
     host-device synchronisation (a `.item()`, a blocking copy) would raise and fail the run."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # the engine runs in bf16 here
-    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     args = ["--tiny", "--steps", "60", "--warmup", "2", "--rounds", "1", "--json"]
     result = run_main("gpu_lm", args, capsys, monkeypatch)
     assert result["device"] != "cpu" and result["sync_free_steps"] >= 100  # steps 50..150 of a 150-step run

@@ -123,14 +123,21 @@ def test_resume_is_bit_exact(tmp_path, case):
     assert json.loads((out / "summary.json").read_text())["final"] == straight.state.last_eval
 
 
-class Augmented(torch.utils.data.Dataset):
-    """Random augmentation drawn, sample by sample, from torch's, numpy's and python's global generators."""
+class Samples(torch.utils.data.Dataset):
+    """The training set of `build`, read a sample at a time (subclasses change what a read does)."""
 
     def __init__(self):
         self.base = classification(samples=90, features=8, classes=3)
 
     def __len__(self):
         return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+class Augmented(Samples):
+    """Random augmentation drawn, sample by sample, from torch's, numpy's and python's global generators."""
 
     def __getitem__(self, i):
         x, y = self.base[i]
@@ -153,16 +160,10 @@ def test_resume_skips_by_index_not_by_loading(tmp_path):
     """Resuming mid-epoch must not fetch the skipped batches."""
     fetched = []
 
-    class Counting(torch.utils.data.Dataset):
-        def __init__(self):
-            self.base = classification(samples=90, features=8, classes=3)
-
-        def __len__(self):
-            return len(self.base)
-
+    class Counting(Samples):
         def __getitem__(self, i):
             fetched.append(i)
-            return self.base[i]
+            return super().__getitem__(i)
 
     out = tmp_path / "run"
     with pytest.raises(Crash):
