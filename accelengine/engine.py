@@ -313,6 +313,8 @@ class Engine:
         if self.config.max_grad_norm is not None:
             before_update = partial(self._clip_then, before_update)
         self._before_update = before_update  # what runs between backward and the optimizer step
+        custom_loss = self.loss_fn is None or _overridden(self, "compute_loss") or _overridden(self, "split_batch")
+        self._loss_of = self.compute_loss if custom_loss else _default_loss(self)
         self._log_handlers = [cb.on_log for cb in self.callbacks if type(cb).on_log is not Callback.on_log]
 
     def _run_hook(self, hook: str, *args: Any) -> None:
@@ -430,7 +432,7 @@ class Engine:
 
     def _micro_batch(self, batch: Any, ends_step: bool = True) -> None:
         state, driver = self.state, self.driver
-        losses = self.compute_loss(batch)
+        losses = self._loss_of(batch)  # `compute_loss`, or without overrides the same computation, bound at setup
         loss = losses if isinstance(losses, torch.Tensor) else _total_loss(losses)
         if self.losses_on_host:  # one CPU process: read now, as a float (no sync there; nothing kept: `loss_window`)
             state.loss_value = entry = loss.item()
@@ -630,6 +632,21 @@ def _logged_terms(loss: torch.Tensor, losses: Any) -> dict[str, torch.Tensor]:
 # Hooks whose engine method is the work itself (always run); the engine's other hook methods are no-ops to override.
 _ENGINE_WORK = frozenset({"fit_step", "eval_step"})
 _PAIR_TYPES = (tuple, list)
+
+
+def _default_loss(engine: Engine) -> Callable[[Any], torch.Tensor]:
+    """What `Engine.compute_loss` computes, with the model, the loss and `split_batch` looked up once: a `(x, y)`
+    batch goes straight to the model, with no call to `compute_loss` and `split_batch` in between (a tenth of the
+    engine's Python on each step)."""
+    model, loss_fn, split = engine.model, engine.loss_fn, engine.split_batch
+
+    def loss_of(batch: Any) -> torch.Tensor:
+        if type(batch) in _PAIR_TYPES and len(batch) == 2:
+            return loss_fn(model(batch[0]), batch[1])
+        inputs, target = split(batch)
+        return loss_fn(model(inputs), target)
+
+    return loss_of
 
 
 def _overridden(engine: Engine, hook: str) -> bool:

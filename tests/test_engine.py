@@ -329,6 +329,31 @@ def test_overridden_fit_step_runs_and_trains_like_the_direct_binding(make_engine
         assert torch.equal(a, b)
 
 
+def test_bound_default_loss_trains_like_compute_loss_and_overrides_are_called(make_engine):
+    """Without overrides the engine computes the default loss through a function bound at setup (no
+    `compute_loss`/`split_batch` call per step); it trains exactly as `compute_loss` does, and a subclass that
+    overrides `compute_loss` or `split_batch` is called on every step instead."""
+    calls = {"compute_loss": 0, "split_batch": 0}
+
+    class Computes(Engine):
+        def compute_loss(self, batch):
+            calls["compute_loss"] += 1
+            return super().compute_loss(batch)
+
+    class Splits(Engine):
+        def split_batch(self, batch):
+            calls["split_batch"] += self.model.training  # evaluation splits its batches too: not counted
+            return super().split_batch(batch)
+
+    bound, computes, splits = make_engine(), make_engine(Computes), make_engine(Splits)
+    for engine in (bound, computes, splits):
+        engine.fit()
+    assert calls == {"compute_loss": 12, "split_batch": 12}  # 2 epochs x 6 batches
+    for other in (computes, splits):
+        for a, b in zip(bound.model.parameters(), other.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_a_hook_replaced_on_the_instance_is_the_one_called(make_engine):
     """Handlers are bound once; a hook a callback's instance replaces (a wrapper that times it, say) is what runs."""
     calls = []
