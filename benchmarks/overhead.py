@@ -14,7 +14,8 @@ use the same loader (`accelengine.data.make_loader`: a batch per read); `raw_pla
 plain `DataLoader` (a sample per read, then collation), for reference. The engine's console output (progress line,
 log lines) is discarded while it is timed. `*_paired` ratios are the median over rounds of each round's own ratio
 (the contestants of a round run back to back, so drift in the machine's speed cancels out); on a shared machine
-they are steadier than the ratio of the medians. `*_of_minimums` compare each contestant's fastest run. Every run
+they are steadier than the ratio of the medians; `*_paired_ci95` is a bootstrap 95 % interval of that median.
+`*_of_minimums` compare each contestant's fastest run. Every run
 starts from a collected, trimmed heap (`fresh_heap`), so no contestant inherits another's fragmentation.
 """
 
@@ -150,6 +151,19 @@ def _glibc() -> Any:
 _LIBC = _glibc()
 
 
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval of the median of `values` (percentile method, fixed seed): how far the paired ratio
+    could move between two measurements on this machine. One round's ratio scatters by several percent (the
+    contestants of a round get different heap layouts, and the machine drifts), so a 1 % target needs many rounds
+    before its verdict means anything; this says how many were enough."""
+    import random
+
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+
+
 def measure(
     hidden: int = 32, batch: int = 64, steps: int = 300, warmup: int = 50, rounds: int = 7, plain_loader: bool = True
 ) -> dict:
@@ -180,8 +194,9 @@ def measure(
     result["accelerate_vs_raw"] = round(result["accelerate_us"] / result["raw_us"], 3)
     result["engine_vs_accelerate"] = round(result["engine_us"] / result["accelerate_us"], 3)
     for name, over in (("engine", "raw"), ("engine_bare", "raw"), ("engine", "accelerate")):
-        paired = statistics.median(a / b for a, b in zip(runs[f"{name}_us"], runs[f"{over}_us"], strict=True))
-        result[f"{name}_vs_{over}_paired"] = round(paired, 3)
+        ratios = [a / b for a, b in zip(runs[f"{name}_us"], runs[f"{over}_us"], strict=True)]
+        result[f"{name}_vs_{over}_paired"] = round(statistics.median(ratios), 3)
+        result[f"{name}_vs_{over}_paired_ci95"] = [round(bound, 3) for bound in median_interval(ratios)]
         # the least disturbed run of each: on a shared machine, noise only ever adds time
         result[f"{name}_vs_{over}_of_minimums"] = round(min(runs[f"{name}_us"]) / min(runs[f"{over}_us"]), 3)
     result.update(hidden=hidden, batch=batch, steps=steps, warmup=warmup, rounds=rounds, threads=1, log_every=LOG_EVERY)

@@ -18,7 +18,10 @@ RESULTS: dict[str, dict] = {}  # run_all's job name -> the script's JSON, for th
 
 
 def load(script: str) -> ModuleType:
-    """Import `benchmarks/<script>.py` under a private name (the folder is not a package)."""
+    """Import `benchmarks/<script>.py` under a private name (the folder is not a package); the scripts import each
+    other by plain name, as when run (`python benchmarks/<script>.py` puts their folder first on the path)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"_bench_smoke_{script}", BENCHMARKS / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -60,13 +63,15 @@ CASES = {
         "overhead",
         ["--steps", "3", "--rounds", "1", "--warmup", "2", "--hidden", "8"],
         {"raw_us", "accelerate_us", "engine_us", "engine_bare_us", "engine_vs_raw", "engine_vs_raw_paired"}
-        | {"engine_bare_vs_raw_paired", "engine_vs_accelerate", "engine_vs_accelerate_paired", "hidden", "warmup"},
+        | {"engine_bare_vs_raw_paired", "engine_vs_accelerate", "engine_vs_accelerate_paired", "hidden", "warmup"}
+        | {"engine_vs_raw_paired_ci95", "engine_bare_vs_raw_paired_ci95", "engine_vs_accelerate_paired_ci95"},
     ),
     "data": (
         "data_throughput",
         ["--samples", "512", "--rounds", "1"],
         {"hf_table_samples_per_s", "tensor_dataset_samples_per_s", "tensor_dataset_plain_loader_samples_per_s"}
-        | {"hf_vs_tensor_dataset", "hf_vs_tensor_dataset_paired", "samples", "features", "batch", "rounds"},
+        | {"hf_vs_tensor_dataset", "hf_vs_tensor_dataset_paired", "hf_vs_tensor_dataset_paired_ci95", "samples"}
+        | {"features", "batch", "rounds"},
     ),
     "checkpoint": (
         "checkpoint_figures",
@@ -100,6 +105,9 @@ def test_script_prints_json_with_the_expected_keys(job, capsys, monkeypatch, req
     script, args, keys = CASES[job]
     result = run_main(script, [*args, "--json"], capsys, monkeypatch)
     assert keys <= set(result), f"{script} lost keys: {sorted(keys - set(result))}"
+    for key in (k for k in keys if k.endswith("_ci95")):  # an interval around the median it belongs to
+        low, high = result[key]
+        assert low <= result[key.removesuffix("_ci95")] <= high, (key, result[key])
     RESULTS[job] = result
 
 
