@@ -433,7 +433,10 @@ class Engine:
     def _micro_batch(self, batch: Any, ends_step: bool = True) -> None:
         state, driver = self.state, self.driver
         losses = self._loss_of(batch)  # `compute_loss`, or without overrides the same computation, bound at setup
-        loss = losses if isinstance(losses, torch.Tensor) else _total_loss(losses)
+        if isinstance(losses, torch.Tensor):
+            loss, terms = losses, None
+        else:  # several terms: their sum is optimised, each is logged
+            loss, terms = _total_and_terms(losses)
         if self.losses_on_host:  # one CPU process: read now, as a float (no sync there; nothing kept: `loss_window`)
             state.loss_value = entry = loss.item()
             state._loss = loss  # `state.loss` detaches it if a callback reads it
@@ -448,10 +451,10 @@ class Engine:
                 self.scheduler.step()
             driver.zero_grad()
             state.step += 1
-        if losses is loss:  # one term: its reference, or on the host its value, is kept (see `loss_window`)
+        if terms is None:  # one term: its reference, or on the host its value, is kept (see `loss_window`)
             self._keep_loss(entry)
         else:
-            self.loss_window.add(_logged_terms(loss, losses))
+            self.loss_window.add(terms)
 
     def _clip_then(self, before_optimizer_step: Callable[[], None]) -> None:
         self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
@@ -606,27 +609,20 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
 
-def _total_loss(losses: Any) -> torch.Tensor:
-    terms = _named_terms(losses)
+def _total_and_terms(losses: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """For `compute_loss` returning several terms: the loss to optimise (their sum) and what a training record
+    shows, `loss` (that total) with each named term beside it."""
+    if isinstance(losses, Mapping):
+        terms = dict(losses)
+    elif isinstance(losses, (list, tuple)):
+        terms = {f"loss_{i}": v for i, v in enumerate(losses)}
+    else:
+        kind = type(losses).__name__
+        raise EngineError(f"compute_loss must return a tensor, a list or a dict of tensors, not {kind}")
     if not terms:
         raise EngineError("compute_loss returned no loss terms")
-    return sum(terms.values())  # type: ignore[return-value]
-
-
-def _named_terms(losses: Any) -> dict[str, torch.Tensor]:
-    if isinstance(losses, torch.Tensor):
-        return {"loss": losses}
-    if isinstance(losses, Mapping):
-        return dict(losses)
-    if isinstance(losses, (list, tuple)):
-        return {f"loss_{i}": v for i, v in enumerate(losses)}
-    raise EngineError(f"compute_loss must return a tensor, a list or a dict of tensors, not {type(losses).__name__}")
-
-
-def _logged_terms(loss: torch.Tensor, losses: Any) -> dict[str, torch.Tensor]:
-    """The terms a training record shows: `loss` (the total optimized) and each named term beside it."""
-    terms = _named_terms(losses)
-    return terms if list(terms) == ["loss"] else {"loss": loss, **terms}
+    total = sum(terms.values())
+    return total, (terms if list(terms) == ["loss"] else {"loss": total, **terms})  # type: ignore[return-value]
 
 
 # Hooks whose engine method is the work itself (always run); the engine's other hook methods are no-ops to override.

@@ -67,32 +67,29 @@ class LossWindow:
     def take(self) -> tuple[list[str], torch.Tensor | None]:
         """The mean of each term since the last take, as names and one device tensor (nothing read back); then
         starts a new window."""
-        names, means = [], []
-        for name, window in self.terms.items():
-            total, count = (self._sum(window), len(window)) if window else (None, 0)
-            if name in self.folded:
-                before, before_count = self.folded[name]
-                total, count = (before if total is None else before + total), before_count + count
-            if count:
-                names.append(name)
-                means.append(torch.as_tensor(total) / count)
-        self.clear()
+        names, totals = self._totals()
+        means = [torch.as_tensor(total) / count for total, count in totals]
         return names, (torch.stack(means) if means else None)
 
     def take_floats(self) -> tuple[list[str], list[float]]:
         """`take`, read on the host (for a window `on_host`): Python sums the floats, with no tensor op at all (a
         tensor op that runs once per log step, its code cold, costs several microseconds)."""
-        names, means = [], []
+        names, totals = self._totals()
+        return names, [float(total) / count for total, count in totals]
+
+    def _totals(self) -> tuple[list[str], list[tuple[Entry, int]]]:
+        """The terms with entries, each with (sum, count) over the window and what was folded away; then clears."""
+        names, totals = [], []
         for name, window in self.terms.items():
-            total, count = sum(map(float, window)), len(window)
+            total, count = (self._sum(window) if window else None), len(window)
             if name in self.folded:
                 before, before_count = self.folded[name]
-                total, count = total + float(before), count + before_count
+                total, count = (before if total is None else before + total), before_count + count
             if count:
                 names.append(name)
-                means.append(total / count)
+                totals.append((total, count))
         self.clear()
-        return names, means
+        return names, totals
 
     def clear(self) -> None:
         for window in self.terms.values():

@@ -27,6 +27,7 @@ import ctypes
 import gc
 import io
 import json
+import random
 import statistics
 import time
 from typing import Any
@@ -156,8 +157,6 @@ def median_interval(values: list[float], level: float = 0.95, resamples: int = 2
     could move between two measurements on this machine. One round's ratio scatters by several percent (the
     contestants of a round get different heap layouts, and the machine drifts), so a 1 % target needs many rounds
     before its verdict means anything; this says how many were enough."""
-    import random
-
     draw = random.Random(0)
     medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
     tail = (1 - level) / 2

@@ -133,6 +133,32 @@ def test_multi_term_loss_logged_and_summed(make_engine, kind):
     assert first["train/loss"] == pytest.approx(first[f"train/{names[0]}"] + first[f"train/{names[1]}"], rel=1e-5)
 
 
+def test_a_dict_holding_only_loss_logs_it_alone(make_engine):
+    class Named(Engine):
+        def compute_loss(self, batch):
+            return {"loss": super().compute_loss(batch)}
+
+    rec = Recorder()
+    make_engine(Named, callbacks=[rec], config=TrainerConfig(steps=2, log_every=2, device="cpu")).fit()
+    (train,) = [r for r in rec.records if "train/loss" in r]
+    assert sorted(k for k in train if k.startswith("train/")) == ["train/loss", "train/lr"]
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [({}, "returned no loss terms"), ([], "returned no loss terms"), (1.5, "must return a tensor, a list or a dict")],
+)
+def test_compute_loss_returning_no_terms_or_a_wrong_type_is_a_clear_error(make_engine, returned, message):
+    class Wrong(Engine):
+        def compute_loss(self, batch):
+            return returned
+
+    engine = make_engine(Wrong, config=TrainerConfig(steps=2, device="cpu"))
+    with pytest.raises(EngineError, match=message):
+        engine.fit()
+    assert engine.state.step == 0 and engine.state.status == "failed"
+
+
 def test_gradient_accumulation_counts_optimizer_steps(make_engine):
     engine = make_engine(config=TrainerConfig(epochs=2, grad_accum=4, device="cpu"))
     summary = engine.fit()
