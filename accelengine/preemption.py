@@ -3,7 +3,9 @@ exits with `EXIT_PREEMPTED`; under SLURM the job is requeued.
 
 Agreement costs nothing on the hot path: with several processes each boundary starts an asynchronous all-reduce of
 the flag on a CPU (gloo) group and reads the one started at the previous boundary, which has long finished. So every
-rank stops at the same boundary, one boundary after the signal, without a host-device synchronisation.
+rank stops at the same boundary, one boundary after the signal, without a host-device synchronisation. A single
+process has nobody to agree with: its signal handler sets the loop's stop flags itself, and the loop, which tests
+them at every step boundary anyway, stops there; no hook runs per step.
 """
 
 from __future__ import annotations
@@ -41,16 +43,26 @@ class PreemptionHandler(Callback):
         self._buffer: torch.Tensor | None = None
         self._work: Any = None
         self._distributed = False
+        self._state: Any = None  # one process: the loop state the signal handler flags (see the module docstring)
 
     @property
     def key(self) -> str:
         return "preemption"
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.received = signum  # only a flag: the loop acts at the next step boundary
+        # Only flags: the loop acts at the next step boundary. Nothing is logged here: a write to a stream that the
+        # interrupted code was writing to may fail as a reentrant call.
+        self.received = signum
+        if self._state is not None:
+            self._mark(self._state)
+
+    def idle_hooks(self, engine) -> tuple[str, ...]:
+        # one process: the signal handler sets the stop flags itself, so there is nothing to poll at step boundaries
+        return () if engine.accelerator.num_processes > 1 else ("after_fit_step",)
 
     def before_fit(self, engine) -> None:
         self._distributed = engine.accelerator.num_processes > 1
+        self._state = None if self._distributed else engine.state
         if self._distributed:
             import torch.distributed as dist
 
@@ -67,7 +79,10 @@ class PreemptionHandler(Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self._state = None
         if engine.state.status == "preempted":
+            name, step = self._signal_name(), engine.state.step
+            logger.warning("%s received: stopped at step %d to checkpoint and exit", name, step)
             requeue()
 
     def agreed(self) -> bool:
@@ -84,22 +99,21 @@ class PreemptionHandler(Callback):
         self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         return result
 
-    def after_fit_step(self, engine) -> None:
-        if not engine.state.optimizer_stepped:
-            return
-        if self.agreed() if self._distributed else self.received is not None:
-            self._stop(engine)
+    def after_fit_step(self, engine) -> None:  # several processes only (`idle_hooks`)
+        if engine.state.optimizer_stepped and self.agreed():
+            self._mark(engine.state)
 
     def after_eval_step(self, engine) -> None:
         if self.agreed():
-            self._stop(engine)
+            self._mark(engine.state)
             raise Preempted()
 
-    def _stop(self, engine) -> None:
-        name = signal.Signals(self.received).name if self.received else "a signal on another process"
-        engine.state.preempted = True
-        engine.state.request_stop(f"preempted by {name}")
-        logger.warning("%s received: checkpointing at step %d and exiting", name, engine.state.step)
+    def _mark(self, state: Any) -> None:
+        state.preempted = True
+        state.request_stop(f"preempted by {self._signal_name()}")
+
+    def _signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal on another process"
 
 
 def requeue() -> None:

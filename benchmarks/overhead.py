@@ -17,6 +17,10 @@ log lines) is discarded while it is timed. `*_paired` ratios are the median over
 they are steadier than the ratio of the medians; `*_paired_ci95` is a bootstrap 95 % interval of that median.
 `*_of_minimums` compare each contestant's fastest run. Every run
 starts from a collected, trimmed heap (`fresh_heap`), so no contestant inherits another's fragmentation.
+
+`raw_again_vs_raw_paired` is a control: the bare loop timed twice per round, as two contestants. Its distance from
+1.0 is what this machine's measurement cannot tell apart from a real difference (in one run: heap layouts and
+caches that favour one instance throughout); a ratio closer to 1.0 than that says nothing either way.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ def measure(
     dataset, make_model = make_workload(hidden, batch, batches=64)
     contestants = {
         "raw_us": lambda: time_raw(dataset, make_model, batch, steps, warmup),
+        "raw_again_us": lambda: time_raw(dataset, make_model, batch, steps, warmup),  # the control
         "accelerate_us": lambda: time_accelerate(dataset, make_model, batch, steps, warmup),
         "engine_us": lambda: time_engine(dataset, make_model, batch, steps, warmup),
         "engine_bare_us": lambda: time_engine(dataset, make_model, batch, steps, warmup, callbacks=False),
@@ -192,7 +197,8 @@ def measure(
     result["engine_bare_vs_raw"] = round(result["engine_bare_us"] / result["raw_us"], 3)
     result["accelerate_vs_raw"] = round(result["accelerate_us"] / result["raw_us"], 3)
     result["engine_vs_accelerate"] = round(result["engine_us"] / result["accelerate_us"], 3)
-    for name, over in (("engine", "raw"), ("engine_bare", "raw"), ("engine", "accelerate")):
+    result["raw_again_vs_raw"] = round(result["raw_again_us"] / result["raw_us"], 3)
+    for name, over in (("engine", "raw"), ("engine_bare", "raw"), ("engine", "accelerate"), ("raw_again", "raw")):
         ratios = [a / b for a, b in zip(runs[f"{name}_us"], runs[f"{over}_us"], strict=True)]
         result[f"{name}_vs_{over}_paired"] = round(statistics.median(ratios), 3)
         result[f"{name}_vs_{over}_paired_ci95"] = [round(bound, 3) for bound in median_interval(ratios)]

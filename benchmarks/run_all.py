@@ -187,6 +187,15 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
                     _met(o["engine_vs_accelerate_paired"] <= 1.0),
                     "as above; the Accelerate loop uses `accelerator.backward` and the prepared optimizer",
                 ),
+                Row(
+                    f"Control: bare loop vs itself, {label}",
+                    f"{o['raw_again_us']} us vs {o['raw_us']} us",
+                    ratio(o, "raw_again_vs_raw"),
+                    "-",
+                    _met(None),
+                    "as above, the bare loop timed twice per round as two contestants: its distance from 1.0 is what "
+                    "this run cannot resolve",
+                ),
             ]
 
         return make
@@ -298,6 +307,7 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
 
     def data(d: dict[str, Any]) -> list[Row]:
         low, high = d["hf_vs_tensor_dataset_paired_ci95"]
+        c_low, c_high = d["tensor_dataset_again_vs_tensor_dataset_paired_ci95"]
         return [
             Row(
                 'HF `datasets` table (`set_format("torch")`) vs `TensorDataset` through the loader',
@@ -309,7 +319,15 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
                 f"`data_throughput.py`: {d['samples']:,} samples x {d['features']} features, batch {d['batch']}, "
                 f"shuffled, 3 epochs per measurement, {d['rounds']} alternated rounds, paired ratio; plain "
                 f"`DataLoader` over the `TensorDataset`: {d['tensor_dataset_plain_loader_samples_per_s']:,} samples/s",
-            )
+            ),
+            Row(
+                "Control: `TensorDataset` vs a second one over copies of its tensors",
+                f"{d['tensor_dataset_again_samples_per_s']:,} vs {d['tensor_dataset_samples_per_s']:,} samples/s",
+                f"{d['tensor_dataset_again_vs_tensor_dataset_paired']}x (95% interval {c_low}-{c_high})",
+                "-",
+                _met(None),
+                "as above: its distance from 1.0 is what this run cannot resolve",
+            ),
         ]
 
     add("data", data)

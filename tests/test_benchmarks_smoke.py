@@ -64,13 +64,16 @@ CASES = {
         ["--steps", "3", "--rounds", "1", "--warmup", "2", "--hidden", "8"],
         {"raw_us", "accelerate_us", "engine_us", "engine_bare_us", "engine_vs_raw", "engine_vs_raw_paired"}
         | {"engine_bare_vs_raw_paired", "engine_vs_accelerate", "engine_vs_accelerate_paired", "hidden", "warmup"}
-        | {"engine_vs_raw_paired_ci95", "engine_bare_vs_raw_paired_ci95", "engine_vs_accelerate_paired_ci95"},
+        | {"engine_vs_raw_paired_ci95", "engine_bare_vs_raw_paired_ci95", "engine_vs_accelerate_paired_ci95"}
+        | {"raw_again_us", "raw_again_vs_raw_paired", "raw_again_vs_raw_paired_ci95"},
     ),
     "data": (
         "data_throughput",
         ["--samples", "512", "--rounds", "1"],
         {"hf_table_samples_per_s", "tensor_dataset_samples_per_s", "tensor_dataset_plain_loader_samples_per_s"}
         | {"hf_vs_tensor_dataset", "hf_vs_tensor_dataset_paired", "hf_vs_tensor_dataset_paired_ci95", "samples"}
+        | {"tensor_dataset_again_samples_per_s", "tensor_dataset_again_vs_tensor_dataset_paired"}
+        | {"tensor_dataset_again_vs_tensor_dataset_paired_ci95"}
         | {"features", "batch", "rounds"},
     ),
     "checkpoint": (

@@ -65,6 +65,27 @@ def test_tensor_table_equals_default_collation():
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_batched_reads_of_any_column_count_equal_collated_rows(count):
+    # one and three columns take the loop, two the display (`_column_reader`); pickled tables bind theirs again
+    import datasets
+
+    g = torch.Generator().manual_seed(count)
+    columns = [torch.randn(20, 3, generator=g), torch.arange(20), torch.randint(0, 9, (20, 2), generator=g)][:count]
+    names = ["input", "label", "extra"][:count]
+    indices = [7, 0, 19, 7, 3]
+    tensors = TensorTable(TensorDataset(*columns))
+    hf = HFTable(datasets.Dataset.from_dict({n: c.numpy() for n, c in zip(names, columns, strict=True)}))
+    assert hf.columns is not None
+    for table in (tensors, pickle.loads(pickle.dumps(tensors))):
+        _assert_batches_equal(table.__getitems__(indices), default_collate([tensors[i] for i in indices]))
+    for table in (hf, pickle.loads(pickle.dumps(hf))):
+        batch = table.__getitems__(indices)
+        assert list(batch) == names
+        _assert_batches_equal(batch, default_collate([hf[i] for i in indices]))
+        _assert_batches_equal(batch, {n: c[indices] for n, c in zip(names, columns, strict=True)})
+
+
 def test_subclassed_tensor_dataset_is_left_alone():
     class Doubling(TensorDataset):
         def __getitem__(self, i):

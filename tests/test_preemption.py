@@ -229,3 +229,39 @@ def test_sigterm_inside_evaluation(tmp_path):
     for k, v in straight.unwrapped_model().state_dict().items():
         assert torch.equal(v, resumed.unwrapped_model().state_dict()[k])
     assert logged(out) == logged(tmp_path / "straight")
+
+
+class SignalAt(Callback):
+    """Sends SIGTERM to this very process at the end of the given micro-batch (1-based), after every built-in
+    callback has seen that micro-batch."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch, self.seen = batch, 0
+
+    def after_fit_step(self, engine):
+        self.seen += 1
+        if self.seen == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(("grad_accum", "batch", "stop_step"), [(None, 5, 5), (2, 7, 4), (2, 8, 4)])
+def test_one_process_stops_at_the_end_of_the_step_the_signal_came_in(tmp_path, capsys, grad_accum, batch, stop_step):
+    # One process polls nothing per step: the signal handler flags the loop, which stops at the end of this very step
+    # (with accumulation, at the end of the whole step, never between its micro-batches) and checkpoints it.
+    from tests.test_restart import build
+
+    straight = build(tmp_path / "straight", steps=10, grad_accum=grad_accum, every_steps=100)
+    straight.fit()
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    summary = build(out, steps=10, grad_accum=grad_accum, every_steps=100, callbacks=[SignalAt(batch)]).fit()
+    assert summary["status"] == "preempted" and summary["steps"] == stop_step
+    assert summary["stop_reason"] == "preempted by SIGTERM"
+    assert find_latest(out / "checkpoints").name == f"step-{stop_step:08d}"
+    assert capsys.readouterr().out.count(f"SIGTERM received: stopped at step {stop_step} ") == 1
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler from before the run is back
+    resumed = build(out, steps=10, grad_accum=grad_accum, every_steps=100, resume=find_latest(out / "checkpoints"))
+    assert resumed.fit()["status"] == "completed"
+    for k, v in straight.unwrapped_model().state_dict().items():
+        assert torch.equal(v, resumed.unwrapped_model().state_dict()[k])
