@@ -3,7 +3,7 @@ the same data in a torch `TensorDataset`, both as the engine loads them (`accele
 read, shuffled), and, for reference, the `TensorDataset` through a plain `DataLoader` (a sample per read, then
 collation). Three epochs per measurement; the three loaders alternate round by round and each figure is the median.
 
-    python benchmarks/data_throughput.py [--samples 50000] [--rounds 9] [--json]
+    python benchmarks/data_throughput.py [--samples 50000] [--rounds 9] [--processes 1] [--json]
 
 `hf_vs_tensor_dataset` is the target's ratio (at least 1.0: the table at least as fast as the `TensorDataset`);
 `hf_vs_tensor_dataset_paired` is the median of each round's own ratio (steadier on a shared machine), and
@@ -18,10 +18,11 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from overhead import median_interval
+from overhead import collect_in_processes, median_interval
 from torch.utils.data import DataLoader, TensorDataset
 
 from accelengine.data import make_loader
@@ -36,7 +37,8 @@ def epoch_rate(loader: DataLoader, epochs: int = 3) -> float:
     return n / (time.perf_counter() - start)
 
 
-def measure(samples: int = 50_000, features: int = 64, batch: int = 64, rounds: int = 9) -> dict[str, Any]:
+def collect(samples: int = 50_000, features: int = 64, batch: int = 64, rounds: int = 9) -> dict[str, list[float]]:
+    """Samples per second of each loader, one entry per round, the loaders of a round run back to back."""
     import datasets
 
     torch.set_num_threads(1)
@@ -58,17 +60,28 @@ def measure(samples: int = 50_000, features: int = 64, batch: int = 64, rounds: 
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
             rates[name].append(epoch_rate(loaders[name]))
+    return rates
+
+
+def measure(
+    samples: int = 50_000, features: int = 64, batch: int = 64, rounds: int = 9, processes: int = 1
+) -> dict[str, Any]:
+    """The loaders' median rates and ratios, from this process or pooled from `processes` fresh ones."""
+    if processes > 1:
+        args = ["--samples", str(samples), "--features", str(features), "--batch", str(batch)]
+        rates = collect_in_processes(str(Path(__file__).resolve()), processes, rounds, args)
+    else:
+        rates = collect(samples, features, batch, rounds)
     result: dict[str, Any] = {f"{k}_samples_per_s": round(statistics.median(v)) for k, v in rates.items()}
     hf, td = result["hf_table_samples_per_s"], result["tensor_dataset_samples_per_s"]
     result["hf_vs_tensor_dataset"] = round(hf / td, 3)
-    paired = [a / b for a, b in zip(rates["hf_table"], rates["tensor_dataset"], strict=True)]
-    result["hf_vs_tensor_dataset_paired"] = round(statistics.median(paired), 3)
-    result["hf_vs_tensor_dataset_paired_ci95"] = [round(bound, 3) for bound in median_interval(paired)]
-    control = [a / b for a, b in zip(rates["tensor_dataset_again"], rates["tensor_dataset"], strict=True)]
-    result["tensor_dataset_again_vs_tensor_dataset_paired"] = round(statistics.median(control), 3)
-    result["tensor_dataset_again_vs_tensor_dataset_paired_ci95"] = [round(b, 3) for b in median_interval(control)]
+    for name, over in (("hf_table", "tensor_dataset"), ("tensor_dataset_again", "tensor_dataset")):
+        paired = [a / b for a, b in zip(rates[name], rates[over], strict=True)]
+        label = "hf" if name == "hf_table" else name
+        result[f"{label}_vs_{over}_paired"] = round(statistics.median(paired), 3)
+        result[f"{label}_vs_{over}_paired_ci95"] = [round(bound, 3) for bound in median_interval(paired)]
     result["hf_vs_plain_loader"] = round(hf / result["tensor_dataset_plain_loader_samples_per_s"], 3)
-    result.update(samples=samples, features=features, batch=batch, rounds=rounds)
+    result.update(samples=samples, features=features, batch=batch, rounds=len(rates["hf_table"]), processes=processes)
     return result
 
 
@@ -76,9 +89,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--features", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--processes", type=int, default=1, help="pool the rounds of this many fresh processes")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # a child of `--processes`
     args = ap.parse_args()
-    res = measure(samples=args.samples, rounds=args.rounds)
+    if args.runs_only:
+        print(json.dumps(collect(args.samples, args.features, args.batch, args.rounds)))
+        return
+    res = measure(args.samples, args.features, args.batch, args.rounds, processes=args.processes)
     print(json.dumps(res) if args.json else "\n".join(f"{k:>42}: {v}" for k, v in res.items()))
 
 

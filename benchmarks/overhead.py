@@ -6,6 +6,7 @@ each figure is the median over rounds of the steady-state time per step (after w
     python benchmarks/overhead.py                  # the tiny MLP (64-32-10, batch 64, SGD, one thread)
     python benchmarks/overhead.py --hidden 2048    # compute-bound
     python benchmarks/overhead.py --quick --json   # one JSON line in under a minute
+    python benchmarks/overhead.py --hidden 2048 --rounds 100 --processes 5   # rounds pooled from 5 fresh processes
 
 `engine_us` is measured with the engine's default callbacks; `engine_bare_us` with none (the loop alone). Neither
 contestant carries a per-step timer: the bare loops read the clock before and after their steps, the engine at two of
@@ -19,8 +20,9 @@ they are steadier than the ratio of the medians; `*_paired_ci95` is a bootstrap 
 starts from a collected, trimmed heap (`fresh_heap`), so no contestant inherits another's fragmentation.
 
 `raw_again_vs_raw_paired` is a control: the bare loop timed twice per round, as two contestants. Its distance from
-1.0 is what this machine's measurement cannot tell apart from a real difference (in one run: heap layouts and
-caches that favour one instance throughout); a ratio closer to 1.0 than that says nothing either way.
+1.0 is what this machine's measurement cannot tell apart from a real difference (in one process: heap layouts and
+memory placement that favour one contestant throughout); a ratio closer to 1.0 than that says nothing either way.
+`--processes N` pools the rounds of N fresh processes, run one after the other, which averages that bias out.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ import io
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -167,10 +172,10 @@ def median_interval(values: list[float], level: float = 0.95, resamples: int = 2
     return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
 
 
-def measure(
+def collect(
     hidden: int = 32, batch: int = 64, steps: int = 300, warmup: int = 50, rounds: int = 7, plain_loader: bool = True
-) -> dict:
-    """Median seconds per step of each contestant (as microseconds) and the ratios; see the module docstring."""
+) -> dict[str, list[float]]:
+    """Seconds per step of each contestant, one entry per round, the contestants of a round run back to back."""
     torch.set_num_threads(1)
     import logging
 
@@ -192,7 +197,31 @@ def measure(
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fresh_heap()
             runs[name].append(contestants[name]())
-    result = {k: round(statistics.median(v) * 1e6, 1) for k, v in runs.items()}
+    return runs
+
+
+def collect_in_processes(script: str, processes: int, rounds: int, args: list[str]) -> dict[str, list[float]]:
+    """A benchmark script's `collect` (its `--runs-only` output: per-round figures of each contestant) in `processes`
+    fresh processes, one after the other, `rounds / processes` rounds each, pooled.
+
+    Within one process a contestant keeps the same heap layout and memory placement throughout, which favours one of
+    them by up to about 1 % for the whole run (the control shows it); a fresh process draws them anew, so pooling
+    several processes averages that bias out instead of reporting one draw of it."""
+    runs: dict[str, list[float]] = {}
+    per_process = -(-rounds // processes)
+    for _ in range(processes):
+        command = [sys.executable, script, *args, "--rounds", str(per_process), "--runs-only"]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        for name, values in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+            runs.setdefault(name, []).extend(values)  # in round order: the pairs of a round stay aligned
+    return runs
+
+
+def summarize(runs: dict[str, list[float]]) -> dict[str, Any]:
+    """Median time per step of each contestant (as microseconds) and the ratios; see the module docstring."""
+    result: dict[str, Any] = {k: round(statistics.median(v) * 1e6, 1) for k, v in runs.items()}
     result["engine_vs_raw"] = round(result["engine_us"] / result["raw_us"], 3)
     result["engine_bare_vs_raw"] = round(result["engine_bare_us"] / result["raw_us"], 3)
     result["accelerate_vs_raw"] = round(result["accelerate_us"] / result["raw_us"], 3)
@@ -204,7 +233,36 @@ def measure(
         result[f"{name}_vs_{over}_paired_ci95"] = [round(bound, 3) for bound in median_interval(ratios)]
         # the least disturbed run of each: on a shared machine, noise only ever adds time
         result[f"{name}_vs_{over}_of_minimums"] = round(min(runs[f"{name}_us"]) / min(runs[f"{over}_us"]), 3)
-    result.update(hidden=hidden, batch=batch, steps=steps, warmup=warmup, rounds=rounds, threads=1, log_every=LOG_EVERY)
+    return result
+
+
+def measure(
+    hidden: int = 32,
+    batch: int = 64,
+    steps: int = 300,
+    warmup: int = 50,
+    rounds: int = 7,
+    plain_loader: bool = True,
+    processes: int = 1,
+) -> dict[str, Any]:
+    """`summarize` of `collect`, in this process or pooled from `processes` fresh ones (`collect_in_processes`)."""
+    if processes > 1:
+        args = ["--hidden", str(hidden), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+        args += [] if plain_loader else ["--no-plain-loader"]
+        runs = collect_in_processes(str(Path(__file__).resolve()), processes, rounds, args)
+    else:
+        runs = collect(hidden, batch, steps, warmup, rounds, plain_loader)
+    result = summarize(runs)
+    result.update(
+        hidden=hidden,
+        batch=batch,
+        steps=steps,
+        warmup=warmup,
+        rounds=len(runs["raw_us"]),
+        processes=processes,
+        threads=1,
+        log_every=LOG_EVERY,
+    )
     return result
 
 
@@ -217,11 +275,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50, help="steps before the clock starts, in every run")
     ap.add_argument("--quick", action="store_true", help="fewer steps and rounds (200 and 10): under a minute")
     ap.add_argument("--no-plain-loader", action="store_true", help="leave out the reference `raw_plain_loader_us`")
+    ap.add_argument("--processes", type=int, default=1, help="pool the rounds of this many fresh processes")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # a child of `--processes`
     args = ap.parse_args()
     steps, rounds = (200, 10) if args.quick else (args.steps, args.rounds)
+    plain_loader = not args.no_plain_loader
+    if args.runs_only:
+        print(json.dumps(collect(args.hidden, args.batch, steps, args.warmup, rounds, plain_loader)))
+        return
     result = measure(
-        args.hidden, args.batch, steps=steps, warmup=args.warmup, rounds=rounds, plain_loader=not args.no_plain_loader
+        args.hidden, args.batch, steps, args.warmup, rounds, plain_loader=plain_loader, processes=args.processes
     )
     if args.json:
         print(json.dumps(result))

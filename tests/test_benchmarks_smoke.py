@@ -154,3 +154,13 @@ def test_results_table_renders_from_the_scripts_json():
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Figure")]
     assert len(rows) >= len(RESULTS)  # a row (or more) per script
     assert all(line.count("|") == 7 for line in rows)  # six cells: nothing in a cell broke the table
+
+
+def test_rounds_pooled_from_fresh_processes(capsys, monkeypatch):
+    # two child processes of one round each: their rounds are pooled, pairs aligned, and the figures come from both
+    args = ["--steps", "3", "--rounds", "2", "--warmup", "2", "--hidden", "8", "--processes", "2", "--no-plain-loader"]
+    result = run_main("overhead", [*args, "--json"], capsys, monkeypatch)
+    assert result["rounds"] == 2 and result["processes"] == 2
+    low, high = result["engine_vs_raw_paired_ci95"]
+    assert low <= result["engine_vs_raw_paired"] <= high
+    assert "raw_plain_loader_us" not in result  # the children were given the flag
