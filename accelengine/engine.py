@@ -147,6 +147,7 @@ class Engine:
         self._log_next: dict[str, Any] = {}
         self._hooks: dict[str, Callable[..., None]] = {}  # what each hook runs, resolved once (`_bind_hooks`)
         self._log_handlers: list[Callable[[Engine, dict[str, Any]], None]] = []
+        self._nonfinite_handlers: list[Callable[[Engine, float], None]] = []
         self.loss_window = LossWindow()  # training losses since the last log record
         self.losses_on_host = False  # see `_read_losses_on_host`
         self.epoch_start_rng: dict[str, Any] | None = None
@@ -315,7 +316,9 @@ class Engine:
         self._before_update = before_update  # what runs between backward and the optimizer step
         custom_loss = self.loss_fn is None or _overridden(self, "compute_loss") or _overridden(self, "split_batch")
         self._loss_of = self.compute_loss if custom_loss else _default_loss(self)
-        self._log_handlers = [cb.on_log for cb in self.callbacks if type(cb).on_log is not Callback.on_log]
+        # events (called with a value): the callbacks that implement them, in order
+        self._log_handlers = [cb.on_log for cb in self.callbacks if overrides(cb, "on_log")]
+        self._nonfinite_handlers = [cb.on_nonfinite_loss for cb in self.callbacks if overrides(cb, "on_nonfinite_loss")]
 
     def _run_hook(self, hook: str, *args: Any) -> None:
         """Run a hook: the engine's own method (given `args`), then the callbacks (given the engine)."""
@@ -440,6 +443,8 @@ class Engine:
         if self.losses_on_host:  # one CPU process: read now, as a float (no sync there; nothing kept: `loss_window`)
             state.loss_value = entry = loss.item()
             state._loss = loss  # `state.loss` detaches it if a callback reads it
+            if entry - entry:  # NaN or +-inf (a finite value gives 0.0): told here, no callback polls every step
+                self._nonfinite_loss(entry)
         else:
             state._loss = entry = loss.detach()  # kept until the log step: not the graph
         state.losses, state.optimizer_stepped = losses, ends_step
@@ -455,6 +460,10 @@ class Engine:
             self._keep_loss(entry)
         else:
             self.loss_window.add(terms)
+
+    def _nonfinite_loss(self, value: float) -> None:
+        for fn in self._nonfinite_handlers:
+            fn(self, value)
 
     def _clip_then(self, before_optimizer_step: Callable[[], None]) -> None:
         self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)

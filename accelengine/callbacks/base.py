@@ -10,7 +10,8 @@ if TYPE_CHECKING:
 
 # The lifecycle, in the order callbacks see it (see `Engine.fit`). `before_optimizer_step` runs inside the engine's
 # `fit_step` (after backward and clipping, before the optimizer steps), so callbacks see it before `fit_step`, which
-# they receive once the engine's step is done. `on_log` is called with each logged record.
+# they receive once the engine's step is done. `on_log` is called with each logged record, `on_nonfinite_loss` with
+# a NaN or infinite training loss the engine read on the host.
 HOOKS: tuple[str, ...] = (
     "before_fit",
     "before_task",
@@ -57,6 +58,12 @@ class Callback:
 
     def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
         """Called with each logged record: `{"step": .., "epoch": .., "split/name": value, ...}`."""
+
+    def on_nonfinite_loss(self, engine: Engine, value: float) -> None:
+        """Called when the engine reads a training loss that is NaN or infinite, as soon as it is read, before its
+        backward (`state.step + 1` is the optimizer step it belongs to). Only where the engine reads every loss as
+        a float anyway: one CPU process (`engine.losses_on_host`). Elsewhere reading a loss would cost a host-device
+        synchronisation per step, so a callback that watches losses reads them back itself (see `NanGuard`)."""
 
     def idle_hooks(self, engine: Engine) -> Collection[str]:
         """Hooks this callback implements but has nothing to do in, for this run and process (its mode, the

@@ -32,8 +32,9 @@ class NanGuard(Callback):
     losses kept since the last check (references only, nothing is computed per step) in one go. So no checkpoint is
     saved after a bad step: the latest checkpoint stays the last good one. The weights are damaged from the bad step
     on, which does not matter as the run stops; it may run up to `log_every` steps past the bad one before stopping.
-    On one CPU process, where the engine reads every loss as a float anyway (`state.loss_value`), each micro-batch
-    is checked as it is made, at no cost: the run stops at the bad step itself.
+    On one CPU process, where the engine reads every loss as a float anyway (`state.loss_value`), it tells the guard
+    of a bad one as it reads it (`on_nonfinite_loss`), at no cost and with no hook run per step: the run stops at the
+    bad step itself.
 
     `mode="skip"` drops the update of every step whose loss (any micro-batch of it) is not finite: the gradients are
     discarded before the optimizer steps (with fp16, the gradient scaler skips such steps itself). The step still
@@ -79,6 +80,8 @@ class NanGuard(Callback):
 
     def idle_hooks(self, engine: Engine) -> tuple[str, ...]:
         accumulating = engine.accelerator.gradient_accumulation_steps > 1
+        if self.mode == "stop" and getattr(engine, "losses_on_host", False):  # the engine tells (`on_nonfinite_loss`)
+            return ("before_optimizer_step", "fit_step", "after_fit_epoch")
         if self.mode == "stop":  # `after_fit_epoch` marks where a short last step of an accumulation ends
             return ("before_optimizer_step",) if accumulating else ("before_optimizer_step", "after_fit_epoch")
         # skip mode: `fit_step` only keeps the losses of micro-batches that do not end a step (accumulation)
@@ -136,9 +139,8 @@ class NanGuard(Callback):
         start, steps_done = next(s for s in reversed(self._starts) if s[0] <= index)
         return steps_done + (index - start) // self._accumulation + 1
 
-    def after_fit_epoch(self, engine: Engine) -> None:  # stop mode with accumulation (`idle_hooks`)
-        if not self._on_host:  # on the host each loss is checked as it comes: nothing is kept to name later
-            self._starts.append((len(self._losses), engine.state.step))
+    def after_fit_epoch(self, engine: Engine) -> None:  # stop mode with accumulation, on a device (`idle_hooks`)
+        self._starts.append((len(self._losses), engine.state.step))
 
     def _first_bad(self, engine: Engine) -> int | None:
         """Index of the first kept loss that is not finite on any process (one read-back)."""
@@ -174,18 +176,17 @@ class NanGuard(Callback):
         engine.state.request_stop(reason, failed=True)
 
     # --------------------------------------------------------------------------------------------- stop mode --
-    def fit_step(self, engine: Engine) -> None:
+    def on_nonfinite_loss(self, engine: Engine, value: float) -> None:  # one CPU process: the engine read it
+        if self.mode == "stop" and not engine.state.failed:  # the first bad micro-batch is reported, once
+            self._report(engine, engine.state.step + 1, value)
+
+    def fit_step(self, engine: Engine) -> None:  # on a device, or in skip mode with accumulation (`idle_hooks`)
         # Callbacks receive fit_step after the engine's step (state.loss is this micro-batch's) and before the
         # step's log record, evaluation and after_fit_step (where checkpoints are saved).
         state = engine.state
         if self.mode == "skip":  # with accumulation only (`idle_hooks`): keep the micro-batches before the last
             if not state.optimizer_stepped:
                 self._keep(state)
-            return
-        if self._on_host:  # the engine has read the loss: check it now
-            value = state.loss_value
-            if value - value != 0.0 and not state.failed:  # NaN or +-inf (and not already reported)
-                self._report(engine, state.step if state.optimizer_stepped else state.step + 1, value)
             return
         self._losses.append(state.loss)  # a reference (detached) for naming the bad step later; no device work
         if state.optimizer_stepped and state.step >= self._check_at:

@@ -1,6 +1,7 @@
 """Training progress: a one-line bar on a terminal, plain periodic lines in log files (SLURM, nohup), main process
 only. It reads the last *logged* loss and evaluation metric, never the live loss tensor, so it adds no host-device
-synchronisation; per step it costs one clock read."""
+synchronisation. On a terminal it reads the clock after every step, to redraw the bar on time; in a log file it
+writes at logged records (log steps, evaluations), so no hook of it runs per step."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class ProgressBar(Callback):
     """Epoch/step, rate, ETA, the last logged training loss and the last evaluation metric.
 
     Args:
-        every_s: seconds between plain lines when stdout is not a terminal (0: a line every optimizer step).
+        every_s: when stdout is not a terminal, the least seconds between plain lines, written at logged records
+            (log steps and evaluations: a run that logs rarely gets rarer lines); 0: a line every optimizer step.
         metric: the evaluation metric to show, e.g. `val/accuracy`; default the first non-loss one.
         refresh_s: seconds between redraws of the bar on a terminal.
         force_tty: draw the bar (True) or plain lines (False) whatever stdout is; default: ask stdout.
@@ -67,7 +69,7 @@ class ProgressBar(Callback):
         self._active = engine.is_main_process and engine.train_loader is not None
         if not self._active:
             return
-        self._tty = self.force_tty if self.force_tty is not None else _isatty(sys.stdout)
+        self._tty = self._on_terminal()
         if self._tty:
             # Other console lines (a checkpoint saved, a warning) come through the `accelengine` logger: clear the
             # bar before each, so they do not start in the middle of it.
@@ -77,20 +79,32 @@ class ProgressBar(Callback):
         self._step0 = engine.state.step
         self._next = self._t0 + (self.refresh_s if self._tty else self.every_s)
 
-    def idle_hooks(self, engine: Engine) -> tuple[str, ...]:
-        return () if engine.is_main_process and engine.train_loader is not None else ("after_fit_step",)
+    def _on_terminal(self) -> bool:
+        return self.force_tty if self.force_tty is not None else _isatty(sys.stdout)
 
-    def after_fit_step(self, engine: Engine) -> None:  # on the main process of a training run (`idle_hooks`)
+    def idle_hooks(self, engine: Engine) -> tuple[str, ...]:
+        # a bar, or a line every step, polls after each step; periodic lines in a log file come from `on_log`
+        polls = self._on_terminal() or self.every_s == 0
+        return () if polls and engine.is_main_process and engine.train_loader is not None else ("after_fit_step",)
+
+    def after_fit_step(self, engine: Engine) -> None:  # a bar, or a line per step, on the main process (`idle_hooks`)
         now = time.perf_counter()
         if now >= self._next and engine.state.optimizer_stepped:
             self._next = now + (self.refresh_s if self._tty else self.every_s)
             self._emit(engine, now)
 
     def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
-        # Console lines follow (this callback is registered before the console logger): clear the bar so they
-        # start on a clean line; it is redrawn at the next refresh.
-        if self._active and self._tty:
+        if not self._active:
+            return
+        if self._tty:
+            # Console lines follow (this callback is registered before the console logger): clear the bar so they
+            # start on a clean line; it is redrawn at the next refresh.
             self._clear()
+        elif self.every_s:  # plain lines in a log file: at records, once `every_s` has passed
+            now = time.perf_counter()
+            if now >= self._next:
+                self._next = now + self.every_s
+                self._emit(engine, now)
 
     def _clear(self) -> None:
         if self._drawn:

@@ -105,7 +105,11 @@ class LogSection:
         default=True, metadata=doc("progress bar on a terminal; plain periodic lines when stdout is a file")
     )
     progress_every_s: float = field(
-        default=30.0, metadata=doc("seconds between plain progress lines when stdout is not a terminal")
+        default=30.0,
+        metadata=doc(
+            "least seconds between plain progress lines when stdout is not a terminal, written at logged records "
+            "(0: a line every optimizer step)"
+        ),
     )
     console: bool = field(default=True, metadata=doc("a console line (and `log.txt` line) per logged record"))
     param_table: bool = field(default=True, metadata=doc("print the parameter counts per top-level module at start"))

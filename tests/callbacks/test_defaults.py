@@ -108,6 +108,7 @@ def test_the_default_set_adds_no_sync_per_step(monkeypatch):
         # as on an accelerator: the losses stay on the device between log steps (one CPU process instead reads
         # each one as a float when it is made, which is no synchronisation there)
         e._read_losses_on_host(False)
+        e._bind_hooks()  # as setup does once it has chosen: the NaN guard's device path has a per-step hook
         return e
 
     with_defaults = [count_syncs(monkeypatch, engine(n)) for n in (4, 12)]

@@ -29,9 +29,11 @@ class NanAt(Engine):
 
 
 def kept_on_device(engine):
-    """The engine as on an accelerator: losses kept as device tensors, not read as floats when made."""
+    """The engine as on an accelerator: losses kept as device tensors, not read as floats when made (the hooks are
+    bound again, as setup binds them after choosing: on the host the guard's per-step hook is idle)."""
     engine.setup()
     engine._read_losses_on_host(False)
+    engine._bind_hooks()
     return engine
 
 
@@ -142,3 +144,50 @@ def test_host_check_reports_the_first_bad_micro_batch_once(capsys):
     summary = engine.fit()
     assert summary["status"] == "failed" and "at step 2 (epoch 0)" in summary["stop_reason"]
     assert summary["steps"] == 2 and capsys.readouterr().out.count("stopping: non-finite loss") == 1
+
+
+class BadValues(Engine):
+    """The loss is infinite at optimizer step 2 and NaN at step 5, with zero gradients (the weights stay finite, so
+    the other steps' losses do too)."""
+
+    def compute_loss(self, batch):
+        loss = super().compute_loss(batch)
+        bad = {2: float("inf"), 5: float("nan")}.get(self.state.step + 1)
+        return loss if bad is None else loss * 0.0 + bad
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-floats", "device-tensors"])
+def test_the_engine_tells_of_each_nonfinite_host_loss_and_runs_no_guard_hook_per_step(on_host):
+    # the guard is off: the run goes on, and a callback sees each bad value with its step, as soon as it is read;
+    # the engine tells only where it reads every loss anyway (on a device the guard reads them back itself)
+    from accelengine import Callback
+
+    class Told(Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_nonfinite_loss(self, engine, value):
+            self.seen.append((engine.state.step + 1, str(value)))
+
+    told = Told()
+    engine = tiny_engine(BadValues, callbacks=[told], steps=6, log=LogConfig(nan_guard="off"))
+    summary = (engine if on_host else kept_on_device(engine)).fit()
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert told.seen == ([(2, "inf"), (5, "nan")] if on_host else [])
+    # with the guard on, one CPU process dispatches none of its per-step hooks: the engine's report is enough
+    guard = CountingGuard()
+    guarded = tiny_engine(BadValues, callbacks=[guard], steps=6)  # takes the built-in guard's place
+    summary = (guarded if on_host else kept_on_device(guarded)).fit()
+    assert summary["status"] == "failed" and "at step 2 (epoch 0)" in summary["stop_reason"]
+    assert guard.calls == (0 if on_host else 2)  # on a device it keeps each step's loss itself
+
+
+class CountingGuard(NanGuard):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def fit_step(self, engine):
+        self.calls += 1
+        super().fit_step(engine)

@@ -64,3 +64,13 @@ def test_steps_mode_shows_no_epoch_total(capsys):
     tiny_engine(steps=3, log=LogConfig(progress_every_s=0, console=False, param_table=False, summary=False)).fit()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert lines[0].startswith("epoch 1 step 1/3 ")
+
+
+def test_periodic_lines_in_a_log_file_come_at_logged_records_only(capsys):
+    # not a terminal, every_s > 0: nothing polls per step; a due line is written when a record is logged
+    tiny_engine(log=LogConfig(progress_every_s=1e-9, console=False, param_table=False, summary=False)).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    steps = [int(re.search(r"step (\d+)/8", line).group(1)) for line in lines]
+    # training records at steps 2, 4, 6, 8, evaluations after each epoch (steps 4 and 8), then the final line
+    assert steps == [2, 4, 4, 6, 8, 8, 8]
+    assert "val/accuracy" not in lines[1] and "val/accuracy" in lines[2]  # the evaluation's own record shows it
