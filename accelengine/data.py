@@ -104,7 +104,7 @@ class TensorTable(_ColumnTable):
         self.tensors = dataset.tensors
         self._bind_reader()
 
-    def _bind_reader(self) -> None:
+    def _bind_reader(self) -> None:  # `__getitems__`: the batch as a list, one `index_select` per tensor
         self.__getitems__ = _column_reader(tuple(enumerate(self.tensors)), as_list=True)
 
     def __len__(self) -> int:
@@ -112,10 +112,6 @@ class TensorTable(_ColumnTable):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         return tuple(t[index] for t in self.tensors)
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:  # shadowed per instance (`_bind_reader`)
-        index = index_tensor(indices)
-        return [t.index_select(0, index) for t in self.tensors]
 
 
 def _column_reader(columns: tuple[tuple[Any, torch.Tensor], ...], as_list: bool = False) -> Callable[[Any], Any]:

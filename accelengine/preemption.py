@@ -82,7 +82,7 @@ class PreemptionHandler(Callback):
         self._state = None
         if engine.state.status == "preempted":
             name, step = self._signal_name(), engine.state.step
-            logger.warning("%s received: stopped at step %d to checkpoint and exit", name, step)
+            logger.warning("%s received: stopped at step %d (status preempted)", name, step)
             requeue()
 
     def agreed(self) -> bool:
