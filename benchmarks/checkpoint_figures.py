@@ -131,11 +131,18 @@ def _measure(params: int, runs: int, where: Path) -> dict[str, Any]:
     figures = ["save", "rotation_delete", "save_plain", "save_plain_overwrite", "load", "resume", "verify"]
     figures += ["load_plain_mmap", "load_plain_touched"] + (["load_plain_pread"] if PREAD else [])
     times: dict[str, list[float]] = {k: [] for k in figures}
-    for _ in range(runs):  # alternate, so that drift in the machine's speed hits both sides alike
+    for run in range(runs):  # alternate, so that drift in the machine's speed hits both sides alike
         old_plain = newest_plain()
-        times["save"].append(timed(save_ours))
-        times["rotation_delete"].append(timed(mgr.wait))
-        times["save_plain"].append(timed(lambda: save_plain(newest_plain(), model_sd, opt_flat)))
+        if run % 2:  # and swap who saves first: the disk's state left by what ran before must not favour either
+            times["save_plain"].append(
+                timed(lambda: save_plain(plain_root / f"step-{step + 1:08d}", model_sd, opt_flat))
+            )
+            times["save"].append(timed(save_ours))
+            times["rotation_delete"].append(timed(mgr.wait))
+        else:
+            times["save"].append(timed(save_ours))
+            times["rotation_delete"].append(timed(mgr.wait))
+            times["save_plain"].append(timed(lambda: save_plain(newest_plain(), model_sd, opt_flat)))
         shutil.rmtree(old_plain)  # the plain side's rotation, untimed
         times["save_plain_overwrite"].append(timed(lambda: save_plain(newest_plain(), model_sd, opt_flat)))
         times["load"].append(timed(load_ours))

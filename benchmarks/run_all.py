@@ -370,7 +370,7 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
                 "Default callbacks vs none, per step",
                 f"{c['us_per_step']['defaults']} us vs {c['us_per_step']['none']} us "
                 f"({c['in_callbacks_us_per_step']} us inside handlers)",
-                f"+{c['overhead_pct']}% (paired +{c['paired_overhead_pct']}%)",
+                f"{c['overhead_pct']:+}% (paired {c['paired_overhead_pct']:+}%)",
                 "part of the engine's 1.05x",
                 _met(None),
                 f"`callback_overhead.py`: MLP 32-64-4, batch 32, log every {c['log_every']} steps, {c['steps']} "
