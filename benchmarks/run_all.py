@@ -1,7 +1,7 @@
 """Run every benchmark figure and write `benchmarks/RESULTS.md` (machine, versions, date, each figure with its ratio,
 target and how it was measured).
 
-    python benchmarks/run_all.py                 # about 3-5 minutes on 2 cores; writes benchmarks/RESULTS.md
+    python benchmarks/run_all.py                 # about 6-7 minutes on 2 cores; writes benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick         # tiny configurations: checks the pipeline in about a minute
     python benchmarks/run_all.py --out /tmp/R.md
 
@@ -392,7 +392,7 @@ def markdown(results: dict[str, dict[str, Any]], info: dict[str, str], quick: bo
     lines = [
         "# Benchmark results",
         "",
-        "Regenerate with `python benchmarks/run_all.py` (writes this file; about 3-5 minutes on 2 cores). Each figure",
+        "Regenerate with `python benchmarks/run_all.py` (writes this file; about 6-7 minutes on 2 cores). Each figure",
         "comes from one script in `benchmarks/`, run in a fresh process; the scripts' docstrings say exactly what they",
         "measure. Timing ratios on a shared machine move by a few percent from run to run. The same comparisons",
         "under pytest-benchmark: `python -m pytest benchmarks --benchmark-only` (see `benchmarks/conftest.py`).",
