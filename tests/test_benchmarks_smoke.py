@@ -164,3 +164,9 @@ def test_rounds_pooled_from_fresh_processes(capsys, monkeypatch):
     low, high = result["engine_vs_raw_paired_ci95"]
     assert low <= result["engine_vs_raw_paired"] <= high
     assert "raw_plain_loader_us" not in result  # the children were given the flag
+
+
+def test_a_failing_child_process_is_reported_with_its_command_and_error():
+    # the first child fails (a bad argument): the error names its command and quotes its stderr; no second one runs
+    with pytest.raises(RuntimeError, match=r"(?s)--hidden wide --rounds 1 --runs-only failed \(2\).*invalid int"):
+        load("overhead").collect_in_processes(str(BENCHMARKS / "overhead.py"), 2, 2, ["--hidden", "wide"])
