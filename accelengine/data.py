@@ -138,22 +138,27 @@ def _column_reader(columns: tuple[tuple[Any, torch.Tensor], ...], as_list: bool 
                 return {first: select_first(0, index), second: select_second(0, index)}
 
         return read_pair
-    named = tuple(zip(names, selects, strict=True))
+    # more columns: plain loops (on Python 3.11 a comprehension builds and calls a function object per batch)
+    if as_list:
 
-    def read(indices: Any) -> Any:
-        index = index_tensor(indices)
-        # plain loops: on Python 3.11 a comprehension builds and calls a function object per batch
-        if as_list:
+        def read_list(indices: Any) -> Any:
+            index = index_tensor(indices)
             values = []
             for select in selects:
                 values.append(select(0, index))
             return values
+
+        return read_list
+    named = tuple(zip(names, selects, strict=True))
+
+    def read_dict(indices: Any) -> Any:
+        index = index_tensor(indices)
         batch = {}
         for name, select in named:
             batch[name] = select(0, index)
         return batch
 
-    return read
+    return read_dict
 
 
 class EpochShuffle(Sampler[int]):

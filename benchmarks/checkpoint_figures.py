@@ -131,18 +131,24 @@ def _measure(params: int, runs: int, where: Path) -> dict[str, Any]:
     figures = ["save", "rotation_delete", "save_plain", "save_plain_overwrite", "load", "resume", "verify"]
     figures += ["load_plain_mmap", "load_plain_touched"] + (["load_plain_pread"] if PREAD else [])
     times: dict[str, list[float]] = {k: [] for k in figures}
+
+    def save_both(ours_first: bool) -> None:
+        # the plain side writes under the name `newest_plain()` gives once ours has saved this run's step
+        target = plain_root / f"step-{step + 1:08d}"
+
+        def ours() -> None:
+            times["save"].append(timed(save_ours))
+            times["rotation_delete"].append(timed(mgr.wait))
+
+        def plain() -> None:
+            times["save_plain"].append(timed(lambda: save_plain(target, model_sd, opt_flat)))
+
+        for save in (ours, plain) if ours_first else (plain, ours):
+            save()
+
     for run in range(runs):  # alternate, so that drift in the machine's speed hits both sides alike
         old_plain = newest_plain()
-        if run % 2:  # and swap who saves first: the disk's state left by what ran before must not favour either
-            times["save_plain"].append(
-                timed(lambda: save_plain(plain_root / f"step-{step + 1:08d}", model_sd, opt_flat))
-            )
-            times["save"].append(timed(save_ours))
-            times["rotation_delete"].append(timed(mgr.wait))
-        else:
-            times["save"].append(timed(save_ours))
-            times["rotation_delete"].append(timed(mgr.wait))
-            times["save_plain"].append(timed(lambda: save_plain(newest_plain(), model_sd, opt_flat)))
+        save_both(ours_first=run % 2 == 0)  # and swap who saves first: what ran before must not favour either
         shutil.rmtree(old_plain)  # the plain side's rotation, untimed
         times["save_plain_overwrite"].append(timed(lambda: save_plain(newest_plain(), model_sd, opt_flat)))
         times["load"].append(timed(load_ours))

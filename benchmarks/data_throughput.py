@@ -75,9 +75,10 @@ def measure(
     result: dict[str, Any] = {f"{k}_samples_per_s": round(statistics.median(v)) for k, v in rates.items()}
     hf, td = result["hf_table_samples_per_s"], result["tensor_dataset_samples_per_s"]
     result["hf_vs_tensor_dataset"] = round(hf / td, 3)
-    for name, over in (("hf_table", "tensor_dataset"), ("tensor_dataset_again", "tensor_dataset")):
+    # (the figure's name, the loader, the one it is compared with)
+    pairs = (("hf", "hf_table", "tensor_dataset"), ("tensor_dataset_again", "tensor_dataset_again", "tensor_dataset"))
+    for label, name, over in pairs:
         paired = [a / b for a, b in zip(rates[name], rates[over], strict=True)]
-        label = "hf" if name == "hf_table" else name
         result[f"{label}_vs_{over}_paired"] = round(statistics.median(paired), 3)
         result[f"{label}_vs_{over}_paired_ci95"] = [round(bound, 3) for bound in median_interval(paired)]
     result["hf_vs_plain_loader"] = round(hf / result["tensor_dataset_plain_loader_samples_per_s"], 3)
