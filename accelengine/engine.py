@@ -134,11 +134,8 @@ class Engine:
         self.resume_from = Path(resume_from) if resume_from is not None else None
         # Built-ins first, user callbacks next; the checkpointer last, so a checkpoint holds what the others did.
         first, callbacks, last = default_callbacks(self.log_config, callbacks)  # a given built-in takes its place
-        self.callbacks: list[Callback] = [
-            *first,
-            PreemptionHandler(self.checkpoint_config.signals),
-            *callbacks,
-        ]
+        self.preemption = PreemptionHandler(self.checkpoint_config.signals)  # released last, in `fit`
+        self.callbacks: list[Callback] = [*first, self.preemption, *callbacks]
         if self.out_dir is not None:
             self.callbacks.append(Checkpointer(self.checkpoint_config))
         self.callbacks += last  # RunSummary: summary.json holds what every callback added, the checkpointer's too
@@ -350,7 +347,10 @@ class Engine:
             self.state.stop_reason = self.state.stop_reason or f"{type(err).__name__}: {err}"
             raise
         finally:
-            self._run_hook("after_fit")
+            try:
+                self._run_hook("after_fit")  # the checkpointer's end-of-run or preemption save among them
+            finally:
+                self.preemption.release(self)
         return self.summary()
 
     def _train(self) -> None:
@@ -359,6 +359,7 @@ class Engine:
         evaluating = bool(self.eval_loaders)
         if state.pending_eval:  # resumed from a preemption during an evaluation: redo it, then end that step/epoch
             self.evaluate()
+            state.optimizer_stepped = True  # that step was complete (not saved: it is per-batch scratch)
             self._run_hook("after_fit_step" if state.pending_eval == "step" else "after_fit_epoch")
             state.pending_eval = ""
         before_step, step, after_step = (self._hooks[h] for h in ("before_fit_step", "fit_step", "after_fit_step"))

@@ -72,7 +72,10 @@ class PreemptionHandler(Callback):
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
-    def after_fit(self, engine) -> None:
+    def release(self, engine) -> None:
+        """The run's very last act (the engine calls it after every callback's `after_fit`): put the signal handlers
+        back and, if preempted, requeue the SLURM job. Not earlier: requeueing makes SLURM end the job, and a signal
+        with the default handler back would kill it, so the preemption checkpoint must already be written."""
         if self._work is not None:
             self._work.wait()
             self._work = None
@@ -110,7 +113,7 @@ class PreemptionHandler(Callback):
 
     def _mark(self, state: Any) -> None:
         state.preempted = True
-        state.request_stop(f"preempted by {self._signal_name()}")
+        state.request_stop(f"preempted by {self._signal_name()}", resumable=True)
 
     def _signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal on another process"

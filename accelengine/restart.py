@@ -173,7 +173,7 @@ def capture(engine: Engine) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
 
     acc = engine.accelerator
     shared: dict[str, Any] = {"engine": engine.state.state_dict()}
-    if engine.state.preempted:  # the stop a preemption requested is this process's affair, not the run's
+    if engine.state.stop_resumable:  # a pause (preemption, time limit) is this process's affair, not the run's
         shared["engine"].update(should_stop=False, stop_reason="")
     if acc.is_main_process:
         shared["model"] = acc.get_state_dict(engine.model)
@@ -219,11 +219,22 @@ def restore(engine: Engine, path: Path) -> None:
             f"{acc.num_processes}: resume with the same number of processes (random states are per process)"
         )
     check_compatible(meta.get("recipe"), engine.recipe)
+    if "model" not in parts:
+        raise EngineError(
+            f"checkpoint {path} holds no model, so it was not written by a training run: resume from one of a run's "
+            "checkpoints"
+        )
     try:
         acc.unwrap_model(engine.model).load_state_dict(parts["model"], strict=True)
     except RuntimeError as err:
         raise EngineError(f"the model in checkpoint {path} does not fit this model: {err}") from err
-    for name, target in (("optimizer", engine.optimizer), ("scheduler", engine.scheduler), ("scaler", acc.scaler)):
+    if acc.scaler is not None and "scaler" in parts:
+        with _part(path, "scaler"):
+            acc.scaler.load_state_dict(parts["scaler"])
+    elif acc.scaler is not None or "scaler" in parts:  # mixed precision changed to or from fp16 (allowed on resume)
+        change = "starts fresh" if acc.scaler is not None else "is not used by this run"
+        logger.info("checkpoint %s: the fp16 gradient scaler %s (mixed precision changed)", path, change)
+    for name, target in (("optimizer", engine.optimizer), ("scheduler", engine.scheduler)):
         if (name in parts) != (target is not None):
             have = "holds" if name in parts else "has no"
             raise EngineError(

@@ -30,6 +30,7 @@ class State:
     should_stop: bool = False
     stop_reason: str = ""
     failed: bool = False  # a stop that ends the run as `failed` (e.g. a non-finite loss), not `stopped`
+    stop_resumable: bool = False  # every stop requested was one a re-run continues from (a time limit, a preemption)
     preempted: bool = False
     status: str = "created"
 
@@ -58,9 +59,12 @@ class State:
     def loss(self, value: Any) -> None:
         self._loss = value
 
-    def request_stop(self, reason: str, failed: bool = False) -> None:
+    def request_stop(self, reason: str, failed: bool = False, resumable: bool = False) -> None:
         """Ask the loop to stop at the next step boundary (callbacks call this: early stopping, wall time...);
-        `failed=True` ends the run as `failed` rather than `stopped` (a NaN guard)."""
+        `failed=True` ends the run as `failed` rather than `stopped` (a NaN guard). `resumable=True` says the run is
+        not over, only paused (a time limit, a preemption): its checkpoints do not hold the stop, so a re-run that
+        resumes from them trains on. A stop is resumable only if every request for it was."""
+        self.stop_resumable = resumable and (self.stop_resumable or not self.should_stop)
         self.should_stop = True
         self.stop_reason = self.stop_reason or reason
         self.failed = self.failed or failed

@@ -265,3 +265,56 @@ def test_one_process_stops_at_the_end_of_the_step_the_signal_came_in(tmp_path, c
     assert resumed.fit()["status"] == "completed"
     for k, v in straight.unwrapped_model().state_dict().items():
         assert torch.equal(v, resumed.unwrapped_model().state_dict()[k])
+
+
+class StepsEnded(Callback):
+    """The steps whose end (`after_fit_step` after an optimizer step) the callbacks saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def after_fit_step(self, engine):
+        if engine.state.optimizer_stepped:
+            self.steps.append(engine.state.step)
+
+
+def test_after_a_resume_into_an_interrupted_evaluation_its_step_ends_as_usual(tmp_path):
+    from tests.test_restart import build
+
+    straight = StepsEnded()
+    build(tmp_path / "straight", steps=6, callbacks=[straight]).fit()
+    out = tmp_path / "run"
+    before = StepsEnded()
+    assert build(out, steps=6, callbacks=[SignalDuringEval(step=4), before]).fit()["status"] == "preempted"
+    after = StepsEnded()
+    build(out, steps=6, callbacks=[after], resume=find_latest(out / "checkpoints")).fit()
+    assert before.steps == [1, 2, 3] and before.steps + after.steps == straight.steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_preempted_slurm_job_is_requeued_only_after_its_checkpoint_is_written(tmp_path, monkeypatch):
+    # requeueing makes SLURM end the job: the preemption checkpoint (here written at the end of the run, since the
+    # signal came inside an evaluation) must exist by then, with the engine's signal handler still in place
+    from tests.test_restart import build
+
+    bin_dir, seen = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$*; $(cat {checkpoints}/latest 2>/dev/null)" >> {seen}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    for name in ("SLURM_ARRAY_JOB_ID", "ACCELENGINE_NO_REQUEUE", "SUBMITIT_EXECUTOR", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    handlers = []
+
+    class HandlerAtEnd(Callback):
+        def after_fit(self, engine):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    engine = build(tmp_path / "run", steps=12, every_steps=100, callbacks=[SignalDuringEval(step=4), HandlerAtEnd()])
+    assert engine.fit()["status"] == "preempted"
+    assert seen.read_text() == "requeue 1234; step-00000004\n"
+    assert handlers == [engine.preemption._on_signal] and signal.getsignal(signal.SIGTERM) == before

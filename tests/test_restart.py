@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from accelengine import MLP, Accuracy, Callback, CheckpointConfig, DataConfig, Engine, EngineError, TrainerConfig
-from accelengine.checkpoint import find_latest, read_checkpoint
+from accelengine.checkpoint import find_latest, list_checkpoints, read_checkpoint
 from accelengine.examples.synthetic import classification
 from accelengine.restart import plan_resume
 
@@ -43,6 +43,8 @@ def build(
     resume=None,
     dropout=0.1,
     train_set=None,
+    eval_every=None,
+    checkpoint=None,
 ):
     torch.manual_seed(123)  # the model's initial weights; the engine seeds everything else itself
     data = {
@@ -58,10 +60,15 @@ def build(
         metrics={"accuracy": Accuracy()},
         callbacks=list(callbacks),
         config=TrainerConfig(
-            steps=steps, epochs=epochs, grad_accum=grad_accum, log_every=3, eval_every=2 if steps else 1, device="cpu"
+            steps=steps,
+            epochs=epochs,
+            grad_accum=grad_accum,
+            log_every=3,
+            eval_every=eval_every or (2 if steps else 1),
+            device="cpu",
         ),
         data_config=DataConfig(batch_size=8),
-        checkpoint_config=CheckpointConfig(every_steps=every_steps, keep_last=2),
+        checkpoint_config=checkpoint or CheckpointConfig(every_steps=every_steps, keep_last=2),
         seed=7,
         out_dir=out_dir,
         resume_from=resume,
@@ -314,3 +321,106 @@ def test_a_part_that_does_not_fit_is_named_not_loaded(tmp_path, part):
     engine = build(tmp_path / "resumed", steps=8, resume=bad)
     with pytest.raises(EngineError, match=rf"{bad}: its `{part}` state does not fit this run"):
         engine.fit()
+
+
+def evaluations(out_dir) -> dict[int, float]:
+    return {r["step"]: r["val/loss"] for r in logged(out_dir) if "val/loss" in r}
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_keep_best_ranks_only_checkpoints_whose_own_weights_were_evaluated(tmp_path, mode):
+    # saves every 2 steps, evaluations every 4: the saves at steps 2 and 6 hold no evaluation of their own
+    checkpoint = CheckpointConfig(every_steps=2, keep_last=1, keep_best=1, monitor="val/loss", mode=mode, at_end=False)
+    build(tmp_path, steps=8, eval_every=4, checkpoint=checkpoint).fit()
+    values = evaluations(tmp_path)
+    assert sorted(values) == [4, 8] and values[4] != values[8]
+    best = (max if mode == "max" else min)(values, key=values.get)
+    kept = {e.name: e.metric for e in list_checkpoints(tmp_path / "checkpoints")}
+    assert f"step-{best:08d}" in kept and "step-00000008" in kept  # the best and the latest
+    for name, metric in kept.items():  # a ranked value is the evaluation of that very step
+        assert metric == values[int(name.split("-")[1])]
+
+
+def test_the_final_checkpoint_holds_the_final_evaluation(tmp_path):
+    # the last step is a periodic save (every 3); the final evaluation runs after it (evaluations every 4 steps)
+    checkpoint = CheckpointConfig(every_steps=3, keep_last=1, keep_best=1, monitor="val/loss", mode="min")
+    engine = build(tmp_path, steps=6, eval_every=4, checkpoint=checkpoint)
+    summary = engine.fit()
+    final = read_checkpoint(find_latest(tmp_path / "checkpoints"))
+    assert final.path.name == "step-00000006"
+    assert final.meta["metrics"] == summary["final"] == engine.state.last_eval
+    assert final.parts["engine"]["last_eval_step"] == 6
+    values = evaluations(tmp_path)
+    assert final.parts["callbacks"]["checkpointer"]["best"] == min(values.values())
+    assert {e.name: e.metric for e in list_checkpoints(tmp_path / "checkpoints")}["step-00000006"] == values[6]
+
+
+def test_a_time_limit_stop_is_resumed_by_a_re_run_and_an_early_stop_is_not(tmp_path):
+    import time
+
+    from accelengine.callbacks import EarlyStopping, TimeLimit
+
+    class Slow(Callback):
+        def after_fit_step(self, engine):
+            time.sleep(0.03)
+
+    at_end = CheckpointConfig(every_steps=None, at_end=True, keep_last=2)
+    first = build(tmp_path, steps=40, checkpoint=at_end, callbacks=[TimeLimit(0.2), Slow()]).fit()
+    assert first["status"] == "stopped" and 0 < first["steps"] < 40
+    again = build(tmp_path, steps=40, checkpoint=at_end, callbacks=[Slow()], resume=plan_resume(tmp_path, "auto")).fit()
+    assert again["status"] == "completed" and again["steps"] == 40  # trained on from where the limit stopped it
+
+    out = tmp_path / "early"
+    patience = EarlyStopping(monitor="val/loss", patience=1, min_delta=10.0)  # no evaluation improves by 10
+    stopped = build(out, steps=40, checkpoint=at_end, callbacks=[patience]).fit()
+    assert stopped["status"] == "stopped" and stopped["steps"] < 40
+    rerun = build(out, steps=40, checkpoint=at_end, resume=plan_resume(out, "auto")).fit()
+    assert rerun["status"] == "stopped" and rerun["steps"] == stopped["steps"]  # an early stop is final
+
+
+def test_request_stop_is_resumable_only_if_every_request_was():
+    from accelengine.state import State
+
+    for requests, resumable in [
+        ([True], True),
+        ([False], False),
+        ([True, False], False),
+        ([False, True], False),
+        ([True, True], True),
+    ]:
+        state = State()
+        for i, flag in enumerate(requests):
+            state.request_stop(f"reason {i}", resumable=flag)
+        assert state.should_stop and state.stop_reason == "reason 0" and state.stop_resumable is resumable
+
+
+@pytest.mark.parametrize("scaler_at", ["resume", "save"], ids=["to-fp16", "from-fp16"])
+def test_mixed_precision_may_change_to_or_from_fp16_on_resume(tmp_path, monkeypatch, scaler_at):
+    """fp16 on a GPU brings a gradient scaler, `no` and `bf16` none; simulated here with a CPU scaler."""
+    make_accelerator = Engine._make_accelerator
+
+    def with_scaler(self):
+        accelerator = make_accelerator(self)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        return accelerator
+
+    if scaler_at == "save":
+        monkeypatch.setattr(Engine, "_make_accelerator", with_scaler)
+    build(tmp_path, steps=4).fit()
+    saved = read_checkpoint(find_latest(tmp_path / "checkpoints"))
+    assert ("scaler" in saved.parts) is (scaler_at == "save")
+    monkeypatch.setattr(Engine, "_make_accelerator", with_scaler if scaler_at == "resume" else make_accelerator)
+    resumed = build(tmp_path, steps=8, resume=find_latest(tmp_path / "checkpoints"))
+    assert resumed.fit()["steps"] == 8
+    if scaler_at == "resume":
+        assert resumed.accelerator.scaler.get_scale() == 1024.0  # started fresh
+
+
+def test_a_checkpoint_without_a_model_is_refused_by_name(tmp_path):
+    from accelengine.checkpoint import CheckpointManager
+
+    build(tmp_path / "run", steps=2).fit()
+    meta = read_checkpoint(find_latest(tmp_path / "run" / "checkpoints")).meta
+    foreign = CheckpointManager(tmp_path / "foreign").save("step-1", shared={"notes": {"a": 1}}, meta=meta)
+    with pytest.raises(EngineError, match=r"step-1 holds no model"):
+        build(tmp_path / "other", steps=2, resume=foreign).fit()

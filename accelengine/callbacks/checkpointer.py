@@ -27,7 +27,7 @@ class Checkpointer(Callback):
         self.config = config or CheckpointSection()
         self.best: float | None = None
         self._best_pending = False
-        self._saved_at: tuple[int, int, int] | None = None
+        self._saved_at: tuple[int, int, int, int] | None = None
         self.manager: CheckpointManager | None = None
 
     @property
@@ -88,11 +88,15 @@ class Checkpointer(Callback):
 
     def save(self, engine) -> Path | None:
         state = engine.state
-        position = (state.step, state.epoch, state.batch_in_epoch)
+        # Saved already, unless an evaluation ran since (the final one after the last step): then its results go in.
+        position = (state.step, state.epoch, state.batch_in_epoch, state.last_eval_step)
         if position == self._saved_at:
             return None
         shared, per_rank, meta = capture(engine)
-        metric = state.last_eval.get(self.config.monitor) if self.config.monitor else None
+        # Ranked for keep_best only when these very weights were evaluated: a later save must not inherit the value
+        # of an earlier evaluation (it would tie with the evaluated checkpoint, win as the newer, and evict it).
+        evaluated = self.config.monitor is not None and state.last_eval_step == state.step
+        metric = state.last_eval.get(self.config.monitor) if evaluated else None
         try:
             path = self.manager.save(
                 f"step-{state.step:08d}", shared=shared, per_rank=per_rank, meta=meta, metric=metric

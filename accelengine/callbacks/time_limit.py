@@ -46,6 +46,6 @@ class TimeLimit(Callback):
 
     def after_fit_step(self, engine: Engine) -> None:
         if engine.state.optimizer_stepped and time.monotonic() >= self._deadline:
-            engine.state.request_stop(
-                f"time limit: {self.max_seconds:g} s of training reached at step {engine.state.step}"
+            engine.state.request_stop(  # resumable: a re-run resumes from the end-of-run checkpoint and trains on
+                f"time limit: {self.max_seconds:g} s of training reached at step {engine.state.step}", resumable=True
             )
