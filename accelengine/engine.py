@@ -401,9 +401,12 @@ class Engine:
         self.state.pending_eval = ""
 
     def _finished(self) -> bool:
+        return self.state.should_stop or self.trained_full_length
+
+    @property
+    def trained_full_length(self) -> bool:
+        """True once training has run all its steps (or epochs): the evaluation after the last one ends the run."""
         cfg, state = self.config, self.state
-        if state.should_stop:
-            return True
         return state.step >= cfg.steps if cfg.steps is not None else state.epoch >= cfg.epochs
 
     def _epoch_batches(self) -> Iterable[Any]:

@@ -17,6 +17,7 @@ from accelengine.recipe import load_recipe, parse_toml, validate
 from accelengine.sweep import expand, plan, run_session
 from accelengine.sweep.expand import validate_experiments
 from accelengine.sweep.launch import experiment_command, plan_slots, with_free_port
+from accelengine.sweep.session import load_session
 
 from .conftest import ROOT, run_cli
 
@@ -447,3 +448,29 @@ def test_slurm_checkpoint_stops_the_experiment_gracefully_and_resubmits_it(tmp_p
     assert summary["status"] == "preempted" and 0 < summary["steps"] < 1000000
     assert resubmitted.function is job and pickle.loads(pickle.dumps(resubmitted)).function._proc is None
     assert not runner.is_alive() and len(codes) == 1
+
+
+def test_a_session_directory_resumes_with_the_modules_beside_its_original_recipe(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "beside.py").write_text(
+        "import torch\n\n\ndef mlp(width):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 3))\n"
+    )
+    text = TINY.replace('{ _component_ = "mlp", in_features = 8, hidden = [8], out_features = 3 }', "")
+    path = write(project, text.replace("model = ", 'model = { _component_ = "beside.mlp", width_ = [4, 8] }'))
+    out = tmp_path / "session"
+    assert run_session(path, out=out, echo=lambda line: None).ok
+    shutil.rmtree(sorted((out / "experiments").iterdir())[1])  # never finished
+    assert json.loads((out / "sweep.json").read_text())["recipe_dir"] == str(project.resolve())
+    assert plan(out).splitlines()[-1].split() == ["1", "01-width=8", "8", "pending"]  # validated: module found
+    result = run_session(out, echo=lambda line: None)  # `accelengine sweep DIR`
+    assert result.ok and [r.status for r in result.rows] == ["completed"] * 2
+
+
+def test_the_runs_names_can_be_an_axis(tmp_path):
+    path = write(tmp_path, TINY.replace('name = "tiny"', 'name_ = ["first", "second"]'))
+    table = plan(path)
+    assert '"first"' in table and '"second"' in table
+    resolved = load_session(path).resolved
+    assert [r["name"] for r in resolved] == ["first", "second"]

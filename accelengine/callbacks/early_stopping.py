@@ -57,7 +57,7 @@ class EarlyStopping(Callback):
             self.best, self.best_step, self.wait = value, engine.state.step, 0
             return
         self.wait += 1
-        if self.wait >= self.patience:
+        if self.wait >= self.patience and not engine.trained_full_length:  # else nothing is left to stop: completed
             best = f"{self.best:.6g} at step {self.best_step}" if self.best is not None else "none finite"
             engine.state.request_stop(
                 f"early stopping: {self.monitor} did not improve for {self.wait} evaluations (best {best})"

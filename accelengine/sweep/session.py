@@ -53,6 +53,7 @@ class Session:
     resolved: list[dict[str, Any]]  # each experiment's validated recipe with every default filled in
     metric: str | None
     mode: str
+    recipe_dir: Path  # where the recipe's own modules are imported from: the folder of the recipe first given
 
 
 @dataclass
@@ -88,31 +89,41 @@ def _ranking(config: SweepConfig, first: dict[str, Any]) -> tuple[str | None, st
     return None, config.mode or "max"
 
 
-def load_session(path: str | Path, overrides: list[str] | None = None) -> Session:
-    """Read, override, expand and validate a session recipe. Raises RecipeError listing every problem."""
+def load_session(path: str | Path, overrides: list[str] | None = None, recipe_dir: str | Path | None = None) -> Session:
+    """Read, override, expand and validate a session recipe. Raises RecipeError listing every problem.
+
+    `recipe_dir` is where components named by the recipe's own modules are found (default: the recipe's folder; a
+    session directory's copy of the recipe keeps the folder of the original)."""
     path = Path(path)
+    recipe_dir = Path(recipe_dir) if recipe_dir is not None else path.resolve().parent
     data = load_toml(path)
     text = path.read_text(encoding="utf-8")
-    data.setdefault("name", path.stem)
+    if "name" not in data and "name_" not in data:  # `name_ = [...]` sweeps the runs' names
+        data["name"] = path.stem
     apply_overrides(data, list(overrides or []))
     config, experiments = parse_session(data, str(path))
-    resolved = validate_experiments(experiments, str(path), path.resolve().parent)
+    resolved = validate_experiments(experiments, str(path), recipe_dir)
     metric, mode = _ranking(config, resolved[0])
-    name = data["name"] if isinstance(data["name"], str) else path.stem  # `name_ = [...]` sweeps the runs' names
-    return Session(name, path, text, list(overrides or []), config, experiments, resolved, metric, mode)
+    name = data["name"] if isinstance(data.get("name"), str) else path.stem
+    return Session(name, path, text, list(overrides or []), config, experiments, resolved, metric, mode, recipe_dir)
 
 
-def _target(path: str | Path, out: str | Path | None, overrides: list[str] | None) -> tuple[Path, Path | None, list]:
-    """A session directory stands for its own recipe, directory and `--set` overrides: `accelengine sweep DIR`."""
+def _target(
+    path: str | Path, out: str | Path | None, overrides: list[str] | None
+) -> tuple[Path, Path | None, list, Path | None]:
+    """(recipe, output directory, overrides, recipe folder): a session directory stands for its own recipe, directory,
+    `--set` overrides and the folder its recipe came from (`accelengine sweep DIR`)."""
     path = Path(path)
     if not path.is_dir():
-        return path, Path(out) if out is not None else None, list(overrides or [])
+        return path, Path(out) if out is not None else None, list(overrides or []), None
     stored = read_json(path / MANIFEST)
     if not (path / SESSION_FILE).is_file() or not isinstance(stored, dict):
         hint = f"give a session recipe, or a directory made by `accelengine sweep` (with {SESSION_FILE})"
         raise RecipeError(Problem("", f"`{path}` is a directory but not a session directory", hint))
     given = Path(out) if out is not None else path
-    return path / SESSION_FILE, given, list(overrides) if overrides else list(stored.get("overrides", []))
+    overrides = list(overrides) if overrides else list(stored.get("overrides", []))
+    recipe_dir = stored.get("recipe_dir")  # absent in sessions started before it was recorded: the directory itself
+    return path / SESSION_FILE, given, overrides, Path(recipe_dir) if isinstance(recipe_dir, str) else None
 
 
 def _experiment_list(experiments: list[Experiment]) -> list[dict[str, Any]]:
@@ -158,6 +169,7 @@ def _write_session(session_dir: Path, session: Session, stored: dict[str, Any] |
         "updated": now,
         "command": sys.argv,
         "overrides": session.overrides,
+        "recipe_dir": str(session.recipe_dir),
         "metric": session.metric,
         "mode": session.mode,
         "experiments": _experiment_list(session.experiments),
@@ -251,8 +263,8 @@ def run_session(
         raise RecipeError(Problem("", f"--parallel must be a positive number of experiments, got {parallel!r}"))
     if launcher not in LAUNCHERS:
         raise RecipeError(Problem("", f"unknown launcher `{launcher}`", "use `local` or `slurm`"))
-    path, out_dir, overrides = _target(path, out, overrides)
-    session = load_session(path, overrides)
+    path, out_dir, overrides, recipe_dir = _target(path, out, overrides)
+    session = load_session(path, overrides, recipe_dir)
     session_dir = out_dir if out_dir is not None else default_run_dir(session.name)
     stored = _check_existing(session_dir, session)
     slurm = None
@@ -266,7 +278,7 @@ def run_session(
     rows = new_rows(session.experiments)
     for row, exp_dir in zip(rows, exp_dirs, strict=True):
         read_row(row, exp_dir, metric, mode)
-    env = experiment_env(session.path.parent)
+    env = experiment_env(session.recipe_dir)
     tasks = []
     for exp, exp_dir, row in zip(session.experiments, exp_dirs, rows, strict=True):
         if not row.done:
@@ -313,8 +325,8 @@ def _text_table(head: list[str], rows: list[list[str]]) -> str:
 def plan(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None) -> str:
     """The dry run: the experiments a session would run, as a table (with their status when `out` holds the
     session already). Validates every experiment; writes nothing."""
-    path, out_dir, overrides = _target(path, out, overrides)
-    session = load_session(path, overrides)
+    path, out_dir, overrides, recipe_dir = _target(path, out, overrides)
+    session = load_session(path, overrides, recipe_dir)
     rows = new_rows(session.experiments)
     existing = None
     if out_dir is not None:

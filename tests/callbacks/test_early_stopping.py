@@ -22,11 +22,16 @@ def test_stops_when_the_metric_stalls():
     assert stopper.state_dict() == {"best": stopper.best, "best_step": 2, "wait": 2}
 
 
-def test_keeps_going_while_improving():
-    stopper = EarlyStopping(monitor="val/accuracy", mode="max", patience=1, min_delta=0.0)
-    summary = tiny_engine(callbacks=[stopper], lr=0.1, epochs=2).fit()
-    assert summary["status"] in ("completed", "stopped")
-    assert stopper.best is not None
+@pytest.mark.parametrize(
+    "length", [{"steps": 5, "eval_every": 2}, {"epochs": 3, "eval_every": 1}], ids=["steps", "epochs"]
+)
+def test_the_evaluation_after_the_last_step_stops_nothing(length):
+    # lr 0: evaluations 1 (best) and 2 wait, 3 waits again and would stop, but it comes after the last step (the
+    # final evaluation in steps mode, the last epoch's in epochs mode): the run trained its full length
+    stopper = EarlyStopping(monitor="val/loss", mode="min", patience=2)
+    summary = tiny_engine(callbacks=[stopper], lr=0.0, **length).fit()
+    assert stopper.wait == 2 and summary["status"] == "completed" and summary["stop_reason"] == ""
+    assert summary["steps"] == 5 if "steps" in length else summary["epochs"] == 3
 
 
 def test_min_delta_and_state_round_trip():
