@@ -57,6 +57,7 @@ from accelengine.loss_window import FOLD, LossWindow
 from accelengine.metrics import Accuracy, MeanLoss, as_metric, to_float
 from accelengine.preemption import Preempted, PreemptionHandler
 from accelengine.recipe.schema import CheckpointSection, DataSection, LogSection, TrainerSection
+from accelengine.rundir import close_run_log
 from accelengine.state import State
 from accelengine.stepping import OptimizerDriver
 
@@ -351,6 +352,7 @@ class Engine:
                 self._run_hook("after_fit")  # the checkpointer's end-of-run or preemption save among them
             finally:
                 self.preemption.release(self)
+                close_run_log()  # the run's `log.txt` is complete
         return self.summary()
 
     def _train(self) -> None:

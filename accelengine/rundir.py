@@ -118,6 +118,16 @@ def setup_logging(out_dir: Path | None, is_main: bool, rank: int = 0) -> list[lo
     return handlers
 
 
+def close_run_log() -> None:
+    """Detach and close the run's `log.txt` (at the very end of `fit`): later lines of the process, another run's
+    included, do not belong to it. The console handler stays."""
+    log = logging.getLogger("accelengine")
+    for h in list(log.handlers):
+        if getattr(h, "_accelengine", False) and isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
+
+
 def _asctime(now: float) -> str:
     """`%(asctime)s` as `logging.Formatter` writes it by default: `2025-01-31 12:00:00,123`."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int((now - int(now)) * 1000):03d}"

@@ -53,8 +53,10 @@ class ThroughputMonitor(Callback):
     - `perf/samples_per_s`, `perf/steps_per_s` (all processes together), `perf/step_time_s` (wall time per
       optimizer step, data loading included; averaged over the window, which is accurate on asynchronous
       accelerators because a log step synchronises),
-    - `perf/data_wait_frac`: the share of that time spent waiting for the next batch (high: the loader is the
-      bottleneck; raise `num_workers`),
+    - `perf/data_wait_frac`: the share of that time between the end of one step and the start of the next: waiting
+      for the next batch, and the `after_fit_step` work of callbacks after this one (the checkpointer's saves among
+      them; no clock is read there, to keep the step free of hooks). Without saves in the window, high means the
+      loader is the bottleneck: raise `num_workers`,
     - `perf/peak_mem_gb`: peak memory allocated on the accelerator during the window (CUDA/XPU; MPS: the driver's
       current total); the run's peak goes to the summary,
     - `perf/mfu`: model FLOPs utilisation, when `flops_per_sample` is given (forward + backward FLOPs of one

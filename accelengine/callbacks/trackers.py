@@ -150,11 +150,13 @@ class Trackers(Callback):
             if name in _RUN_IDS and run_id is not None:
                 init_kwargs.setdefault(name, {}).update(_RUN_IDS[name][1](run_id))
         if restored.get("tensorboard"):
-            # The same event directory as before; events the interrupted run logged past the resumed step are
-            # dropped, so curves are not doubled.
+            # the same event directory as before (a resume)
             event_dir = Path(engine.out_dir or ".") / restored["tensorboard"]  # stays put when already absolute
             acc.project_configuration.logging_dir = str(event_dir.parent)
-            init_kwargs.setdefault("tensorboard", {})["purge_step"] = self._resumed_at + 1
+        # Events an earlier attempt in this directory logged past the step this run starts from are dropped, so
+        # curves are not doubled: after a resume, and on a fresh start over a run that died before its first
+        # checkpoint (`metrics.jsonl` is rewound alike).
+        init_kwargs.setdefault("tensorboard", {})["purge_step"] = self._resumed_at + 1
         name = (engine.recipe or {}).get("name")
         self.run_project = self._restored.get("project") or self.project or name or "accelengine"
         config = _flat_config(engine.recipe) if engine.recipe else {"seed": engine.seed}

@@ -64,3 +64,15 @@ def test_no_warning_when_deterministic(capsys):
     finally:
         torch.use_deterministic_algorithms(False)
     assert "deterministic" not in capsys.readouterr().out
+
+
+def test_log_txt_is_closed_when_the_run_ends(tmp_path):
+    import logging
+
+    engine = tiny_engine(out_dir=tmp_path, steps=2)
+    engine.fit()
+    logging.getLogger("accelengine").warning("a later line of the process, not of the run")
+    text = (tmp_path / "log.txt").read_text()
+    assert "run completed" in text and "a later line" not in text  # the summary is in; what came after is not
+    handlers = logging.getLogger("accelengine").handlers
+    assert not [h for h in handlers if isinstance(h, logging.FileHandler)]

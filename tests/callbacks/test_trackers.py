@@ -94,6 +94,16 @@ def test_a_resumed_run_continues_the_same_curves(tmp_path):
     assert [s for s, _ in got["val/accuracy"]] == [4, 8]
 
 
+def test_a_fresh_start_over_a_run_that_died_before_its_first_checkpoint_replaces_its_curves(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_engine(callbacks=[Crash()], out_dir=tmp_path, steps=8).fit()  # logged at 2, 4, 6; no checkpoint
+    again = tiny_engine(out_dir=tmp_path, steps=4, lr=0.0)  # no checkpoint to resume from: starts afresh
+    again.fit()
+    got = scalars(tmp_path / "trackers" / "accelengine")
+    assert [s for s, _ in got["train/loss"]] == [2, 4]  # the dead attempt's curve is gone, as in metrics.jsonl
+    assert got["train/loss"][-1][1] == pytest.approx(again.state.last_train["train/loss"])
+
+
 def test_unknown_or_missing_trackers_are_refused(tmp_path):
     with pytest.raises(EngineError, match="unknown tracker `tensorbord`"):
         tiny_engine(out_dir=tmp_path, log=LogConfig(trackers=["tensorbord"]))
