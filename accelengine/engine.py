@@ -381,6 +381,8 @@ class Engine:
                 done = state.step
                 if done % log_every == 0:
                     self._log_train()
+                elif self._log_next:  # a monitor's values at its own cadence, between log steps
+                    self._log_monitors()
                 if eval_every and done % eval_every == 0:
                     self._evaluate_within("step")
                 after_step()  # the step is complete: a checkpoint here holds all of it
@@ -493,6 +495,12 @@ class Engine:
             return batch[0], batch[1]
         return split_batch(batch, self.data_config.input_key, self.data_config.target_key)
 
+    def _log_monitors(self) -> None:
+        """Values monitors handed in (`log_next`) at a step that is not a log step: a record of their own, stamped
+        with the step they were measured at (device values are read back here: the monitor's cadence asked for it)."""
+        values, self._log_next = self._log_next, {}
+        self.log({k: to_float(v) for k, v in values.items()})
+
     def _log_train(self) -> None:
         extra, self._log_next = self._log_next, {}
         tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
@@ -592,8 +600,9 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- output --
     def log_next(self, values: Mapping[str, float | torch.Tensor]) -> None:
-        """Add values to the next training record (monitors call this before a log step's record is made, e.g. in
-        `fit_step`). Device tensors are read back together with the losses, in the log step's one synchronisation."""
+        """Add values to this step's record (monitors call this in `fit_step`, before the step's record is made). At a
+        log step they join the training record, device tensors read back with the losses in the log step's one
+        synchronisation; at any other step they are logged as a record of their own, stamped with this step."""
         self._log_next.update(values)
 
     def log(self, values: Mapping[str, float]) -> None:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 def log_step_due(engine: Engine, every: int | None) -> bool:
     """True after an optimizer step whose number is a multiple of `every` (default: the trainer's `log_every`).
-    Monitors that hand their values to the next training record use it, so they run only at log steps."""
+    Monitors that hand their values to the engine (`log_next`) use it: by default they join the log steps' training
+    records; at another cadence, the engine logs them at their own steps."""
     state = engine.state
     return state.optimizer_stepped and state.step % (every or engine.config.log_every) == 0
 

@@ -43,3 +43,25 @@ def test_own_cadence():
 def test_bad_cadence():
     with pytest.raises(ValueError, match="every_n_steps"):
         LearningRateMonitor(every_n_steps=0)
+
+
+def test_a_cadence_other_than_log_every_is_logged_at_its_own_steps():
+    from accelengine.callbacks import GradNormMonitor
+
+    rec = Recorder()
+    lrs = []
+
+    class Rates(LearningRateMonitor):  # the learning rate the optimizer stepped with, at each step
+        def before_optimizer_step(self, engine):
+            lrs.append(engine.optimizer.param_groups[0]["lr"])
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    monitors = [LearningRateMonitor(every_n_steps=3), GradNormMonitor(every_n_steps=3), Rates(every_n_steps=99), rec]
+    tiny_engine(callbacks=monitors, steps=8, log_every=4, scheduler=schedule).fit()
+    assert [s for s, _ in rec.values("lr/0")] == [3, 6]
+    assert [s for s, _ in rec.values("train/grad_norm")] == [3, 6]
+    assert [s for s, _ in rec.values("train/loss")] == [4, 8]
+    # each value is the one at its own step: the rate after step s is the one step s + 1 uses
+    assert rec.values("lr/0") == [(3, pytest.approx(lrs[3])), (6, pytest.approx(lrs[6]))]
