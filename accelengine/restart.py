@@ -325,6 +325,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def plan_resume(out_dir: Path, resume: str) -> Path | None:
     """Which checkpoint a run continues from: `auto` (newest complete one in the run directory, if any),
     `never` (the directory must be new or empty) or a path."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EngineError(f"--out {out_dir} is a file, not a directory: choose a directory for the run")
     if resume == "never":
         if out_dir.exists() and any(out_dir.iterdir()):
             raise EngineError(

@@ -141,3 +141,27 @@ def test_python_api_run(tmp_path):
     recipe.write_text(TINY)
     summary = accelengine.run(recipe, ["trainer.steps=2"], out=tmp_path / "out")
     assert summary["steps"] == 2 and Path(tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ('optim.lr="fast"', "`optim`: building `adamw` failed"),
+        ("optim.lr=-1", "`optim`: building `adamw` failed"),
+        ('model.hidden="abc"', "`model`: building `mlp` failed"),
+        ('engine={_component_ = "engine", resume_from = "x"}', "engine.resume_from"),
+        ('model="builtins.dict"', "not a torch.nn.Module"),
+    ],
+)
+def test_a_value_a_component_refuses_is_one_message_naming_the_key(tmp_path, override, named):
+    res = run_cli(
+        "run", "recipes/digits.toml", "--out", str(tmp_path / "out"), "--set", "trainer.epochs=1", "--set", override
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and named in res.stderr, res.stderr
+
+
+def test_out_naming_a_file_is_a_message(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = run_cli("run", "recipes/digits.toml", "--out", str(tmp_path / "afile"))
+    assert res.returncode == 2 and "is a file, not a directory" in res.stderr and "Traceback" not in res.stderr

@@ -424,3 +424,9 @@ def test_a_checkpoint_without_a_model_is_refused_by_name(tmp_path):
     foreign = CheckpointManager(tmp_path / "foreign").save("step-1", shared={"notes": {"a": 1}}, meta=meta)
     with pytest.raises(EngineError, match=r"step-1 holds no model"):
         build(tmp_path / "other", steps=2, resume=foreign).fit()
+
+
+def test_a_checkpoint_monitor_the_evaluation_does_not_produce_is_named(tmp_path):
+    checkpoint = CheckpointConfig(every_steps=2, monitor="val/acuracy")
+    with pytest.raises(EngineError, match=r"`checkpoint.monitor` is `val/acuracy`.*`val/loss`, `val/accuracy`"):
+        build(tmp_path, steps=4, checkpoint=checkpoint).fit()

@@ -57,7 +57,13 @@ class Checkpointer(Callback):
         monitor = self.config.monitor
         if monitor is None or engine.train_loader is None:
             return
-        value = engine.state.last_eval.get(monitor)
+        results = engine.state.last_eval
+        if results and monitor not in results:  # a typo would otherwise rank nothing, silently
+            raise EngineError(
+                f"`checkpoint.monitor` is `{monitor}`, which the evaluation does not produce; it produced "
+                + ", ".join(f"`{k}`" for k in results)
+            )
+        value = results.get(monitor)
         if value is None or math.isnan(value):
             return
         better = self.best is None or (value > self.best if self.config.mode == "max" else value < self.best)

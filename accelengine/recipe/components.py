@@ -107,7 +107,8 @@ def resolve(target: str) -> Any:
         try:
             obj = importlib.import_module(".".join(parts[:cut]))
         except ModuleNotFoundError as err:
-            if err.name and not ".".join(parts[:cut]).startswith(err.name):
+            tried = ".".join(parts[:cut])
+            if err.name and not (tried == err.name or tried.startswith(err.name + ".")):
                 raise  # a missing dependency *inside* the module: let the user see which one
             continue
         for name in parts[cut:]:
@@ -133,12 +134,20 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 
 def check_component(
-    spec: ComponentSpec, path: str, runtime_args: tuple[str, ...], problems: list[Problem], *, call: bool = True
+    spec: ComponentSpec,
+    path: str,
+    runtime_args: tuple[str, ...],
+    problems: list[Problem],
+    *,
+    call: bool = True,
+    positional: int = 0,
 ) -> Any:
     """Import the target and bind the recipe's keyword arguments against its signature, recording every problem.
 
-    `runtime_args` are supplied by the engine; they must not appear in the recipe, and count as given.
-    Returns the resolved object, or None when it cannot be imported.
+    `runtime_args` are supplied by the engine; they must not appear in the recipe, and count as given. The first
+    `positional` of them are passed by position (an optimizer's parameters, a scheduler's optimizer): they stand for
+    the target's first positional parameters, whatever those are called. Returns the resolved object, or None when
+    it cannot be imported.
     """
     try:
         obj = resolve(spec.target)
@@ -160,6 +169,23 @@ def check_component(
         return None
     if not call:
         return obj
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = None  # builtins without a signature: only the run-time arguments are checked
+    if params is not None and positional:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        first = [n for n, p in params.items() if p.kind in kinds][:positional]
+        if len(first) < positional and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+            what = " and ".join(f"`{n}`" for n in runtime_args[:positional])
+            problems.append(
+                Problem(
+                    f"{path}.{COMPONENT_KEY}",
+                    f"`{spec.target}` takes no positional argument for the {what} the engine passes",
+                    "name a callable whose first parameter receives it",
+                )
+            )
+        runtime_args = (*first, *runtime_args[len(first) :])
     for name in runtime_args:
         if name in spec.kwargs:
             problems.append(
@@ -167,11 +193,8 @@ def check_component(
                     f"{path}.{name}", f"`{name}` is supplied by the engine at run time", "remove it from the recipe"
                 )
             )
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return obj  # builtins without a signature: nothing to check
-    params = sig.parameters
+    if params is None:
+        return obj
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if not takes_var_kw:

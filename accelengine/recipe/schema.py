@@ -171,5 +171,6 @@ RUNTIME_ARGS: dict[str, tuple[str, ...]] = {
         "seed",
         "out_dir",
         "recipe",
+        "resume_from",
     ),
 }

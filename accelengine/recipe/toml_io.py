@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import re
 import sys
@@ -57,6 +58,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(
             Problem(key, f"bad override `{item}`", "write --set section.key=value, e.g. --set optim.lr=3e-4")
         )
+    raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -65,17 +67,30 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--set` overrides in order, creating tables as needed. Returns `data` (modified in place)."""
+    """Apply `--set` overrides in order, creating tables as needed. Returns `data` (modified in place). Every bad
+    override is reported at once (RecipeError)."""
+    problems: list[Problem] = []
     for item in overrides:
-        keys, value = parse_override(item)
-        node = data
+        try:
+            keys, value = parse_override(item)
+        except RecipeError as err:
+            problems += err.problems
+            continue
+        node: Any = data
         for depth, key in enumerate(keys[:-1]):
             nxt = node.setdefault(key, {})
             if not isinstance(nxt, dict):
                 where = ".".join(keys[: depth + 1])
-                raise RecipeError(Problem(where, f"cannot set `{'.'.join(keys)}`: `{where}` is a value, not a table"))
+                hint = f"set it whole instead, e.g. --set '{where}={{_component_ = \"...\", ...}}'"
+                problems.append(
+                    Problem(where, f"cannot set `{'.'.join(keys)}`: `{where}` is a value, not a table", hint)
+                )
+                break
             node = nxt
-        node[keys[-1]] = value
+        else:
+            node[keys[-1]] = value
+    if problems:
+        raise RecipeError(problems)
     return data
 
 
@@ -109,6 +124,8 @@ def format_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return _string(v)
+    if isinstance(v, (_dt.date, _dt.time)):  # TOML dates, times and date-times (`datetime` is a `date`)
+        return v.isoformat()
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any, Literal, Union
 
 from accelengine.errors import Problem, RecipeError
 from accelengine.recipe.components import (
+    COMPONENT_KEY,
     ComponentSpec,
     check_component,
     ensure_import_paths,
@@ -99,6 +102,9 @@ def _convert(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(bad)
             return None
+        if not -(2**63) <= value < 2**63:  # what TOML's integers hold (and the loader's index arithmetic)
+            problems.append(Problem(path, f"{value} is too large: at most {2**63 - 1}"))
+            return None
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
@@ -162,8 +168,10 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
         v = getattr(t, name)
         if v is not None and v < 1:
             problems.append(Problem(f"trainer.{name}", f"must be at least 1, got {v}"))
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        problems.append(Problem("trainer.max_grad_norm", f"must be positive, got {t.max_grad_norm}"))
+    if t.max_grad_norm is not None and not 0 < t.max_grad_norm < math.inf:  # nan fails too
+        problems.append(Problem("trainer.max_grad_norm", f"must be a positive number, got {t.max_grad_norm}"))
+    if not 0 <= recipe.seed < 2**32:
+        problems.append(Problem("seed", f"must be between 0 and 2**32 - 1, got {recipe.seed}"))
     for name in ("every_steps", "every_epochs", "keep_last"):
         v = getattr(ck, name)
         if v is not None and v < 1:
@@ -179,6 +187,13 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
             problems.append(Problem(f"data.{name}.dataset", "missing: every data set needs a `dataset` component"))
         if loader.batch_size is not None and loader.batch_size < 1:
             problems.append(Problem(f"data.{name}.batch_size", f"must be at least 1, got {loader.batch_size}"))
+        if loader.num_workers is not None and loader.num_workers < 0:
+            problems.append(Problem(f"data.{name}.num_workers", f"must be 0 or more, got {loader.num_workers}"))
+    if not training and (t.epochs is not None or t.steps is not None):
+        close = difflib.get_close_matches("train", list(recipe.data.loaders), n=1)
+        hint = f"did you mean `data.train`, not `data.{close[0]}`?" if close else "name the training set `data.train`"
+        which = "trainer.steps" if t.steps is not None else "trainer.epochs"
+        problems.append(Problem("data", f"`{which}` is set but there is no `train` data set to train on", hint))
     if not recipe.data.loaders:
         problems.append(Problem("data", "no data sets", "add a `[data.train]` table (and `[data.val]` to evaluate)"))
     if training and recipe.optim is None:
@@ -190,27 +205,41 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
     import signal
 
     for i, s in enumerate(ck.signals):
-        if s is not None and not hasattr(signal, s):
+        if s is None:
+            continue
+        if not isinstance(getattr(signal, s, None), signal.Signals):
             problems.append(Problem(f"checkpoint.signals[{i}]", f"unknown signal `{s}`", "e.g. SIGTERM or SIGUSR1"))
+        elif s in ("SIGKILL", "SIGSTOP"):
+            problems.append(Problem(f"checkpoint.signals[{i}]", f"`{s}` cannot be caught", "e.g. SIGTERM or SIGUSR1"))
     from accelengine.callbacks.trackers import log_section_problems
 
     problems += log_section_problems(recipe.log)
 
 
 def _check_components(recipe: Recipe, problems: list[Problem]) -> None:
-    targets: list[tuple[str, ComponentSpec | None, tuple[str, ...]]] = [
-        ("engine", recipe.engine, RUNTIME_ARGS["engine"]),
-        ("model", recipe.model, ()),
-        ("loss", recipe.loss, ()),
-        ("optim", recipe.optim, RUNTIME_ARGS["optim"]),
-        ("scheduler", recipe.scheduler, RUNTIME_ARGS["scheduler"]),
+    # (key, component, arguments the engine supplies, how many of those it passes by position)
+    targets: list[tuple[str, ComponentSpec | None, tuple[str, ...], int]] = [
+        ("engine", recipe.engine, RUNTIME_ARGS["engine"], 0),
+        ("model", recipe.model, (), 0),
+        ("loss", recipe.loss, (), 0),
+        ("optim", recipe.optim, RUNTIME_ARGS["optim"], 1),
+        ("scheduler", recipe.scheduler, RUNTIME_ARGS["scheduler"], 1),
     ]
-    targets += [(f"metrics.{k}", v, ()) for k, v in recipe.metrics.items()]
-    targets += [(f"callbacks[{i}]", v, ()) for i, v in enumerate(recipe.callbacks)]
-    targets += [(f"data.{k}.dataset", v.dataset, ()) for k, v in recipe.data.loaders.items()]
-    for path, spec, runtime in targets:
+    targets += [(f"metrics.{k}", v, (), 0) for k, v in recipe.metrics.items()]
+    targets += [(f"callbacks[{i}]", v, (), 0) for i, v in enumerate(recipe.callbacks)]
+    targets += [(f"data.{k}.dataset", v.dataset, (), 0) for k, v in recipe.data.loaders.items()]
+    for path, spec, runtime, positional in targets:
         if spec is not None:
-            check_component(spec, path, runtime, problems)
+            obj = check_component(spec, path, runtime, problems, positional=positional)
+            if path == "engine" and isinstance(obj, type) and not _is_engine_class(obj):
+                problems.append(
+                    Problem(f"engine.{COMPONENT_KEY}", f"`{spec.target}` is not accelengine.Engine or a subclass of it")
+                )
+
+
+def _is_engine_class(cls: type) -> bool:
+    # by name along the class's bases: importing the engine (torch, accelerate) only to validate is not needed
+    return any(c.__module__ == "accelengine.engine" and c.__qualname__ == "Engine" for c in cls.__mro__)
 
 
 def validate(data: dict[str, Any], source: str = "", recipe_dir: Path | None = None) -> Recipe:
@@ -231,11 +260,25 @@ def validate(data: dict[str, Any], source: str = "", recipe_dir: Path | None = N
     ensure_import_paths(recipe_dir)
     _check_components(recipe, problems)
     if problems:
-        # A key that was wrong already reads as "missing" to the later checks: say it once.
-        seen = {p.path for p in problems[:reported]}
-        problems = problems[:reported] + [p for p in problems[reported:] if p.path not in seen]
-        raise RecipeError(problems, source)
+        raise RecipeError(_said_once(problems, reported), source)
     return recipe
+
+
+def _said_once(problems: list[Problem], reported: int) -> list[Problem]:
+    """A key that was wrong already reads as "missing" to the later checks: say it once. A later problem is dropped
+    when its key is one the first `reported` problems name, or the key an earlier "did you mean" points to (`epoch`
+    for `epochs` makes "set exactly one of epochs and steps" an echo of the typo)."""
+    named = {p.path for p in problems[:reported]}
+    kept = []
+    for i, problem in enumerate(problems):
+        if i >= reported and problem.path in named:
+            continue
+        kept.append(problem)
+        meant = re.fullmatch(r"did you mean `(\w+)`\?", problem.hint)
+        if meant:
+            parent, _, _ = problem.path.rpartition(".")
+            named.add(f"{parent}.{meant[1]}" if parent else meant[1])
+    return kept
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -179,3 +179,82 @@ def test_reference_doc_is_generated_from_the_schema():
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
     assert doc.read_text() == reference_markdown(), "regenerate: accelengine reference > docs/recipe-reference.md"
+
+
+def test_values_that_would_fail_at_run_time_are_caught_here():
+    text = "seed = -1\n" + BASE.replace("[trainer]", "[trainer]\nmax_grad_norm = nan").replace(
+        "[data.train]", "[data]\nbatch_size = 99999999999999999999\n[data.train]\nnum_workers = -1"
+    )
+    found = problems(text + '[checkpoint]\nsignals = ["SIGKILL", "SIG_DFL"]\n')
+    assert [p.split("|")[0] for p in found] == [
+        "data.batch_size",
+        "trainer.max_grad_norm",
+        "seed",
+        "data.train.num_workers",
+        "checkpoint.signals[0]",
+        "checkpoint.signals[1]",
+    ], found
+    assert "cannot be caught" in found[4] and "unknown signal `SIG_DFL`" in found[5]
+
+
+def test_a_length_without_a_train_set_is_refused_with_the_likely_typo():
+    msg = one(BASE.replace("[data.train]", "[data.trian]"))
+    assert msg.startswith("data|") and "`trainer.epochs` is set" in msg and "did you mean `data.train`" in msg
+
+
+def test_the_engine_must_be_an_engine_class():
+    msg = one(BASE + '[engine]\n_component_ = "torch.nn.Module"\n')
+    assert msg.startswith("engine._component_|") and "not accelengine.Engine" in msg
+    assert validate(parse_toml(BASE + '[engine]\n_component_ = "accelengine.Engine"\n')).engine.target
+
+
+def test_a_missing_dependency_inside_a_module_names_the_dependency(tmp_path, monkeypatch):
+    # the missing dependency's name is the start of the module's own name: still the dependency is named
+    (tmp_path / "lossmodule.py").write_text("import lossmod\n\ndef f():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    msg = one(BASE.replace('loss = "cross_entropy"', 'loss = "lossmodule.f"'))
+    assert "'lossmod'" in msg and "no module named `lossmodule`" not in msg, msg
+
+
+def test_overrides_are_stripped_and_every_bad_one_is_reported():
+    from accelengine.recipe import apply_overrides
+
+    data = parse_toml(BASE)
+    apply_overrides(data, ["name = spaced", "trainer.epochs= 3"])
+    assert data["name"] == "spaced" and data["trainer"]["epochs"] == 3
+    with pytest.raises(RecipeError) as info:
+        apply_overrides(parse_toml(BASE), ["foo", "loss.reduction=sum", "bar"])
+    assert [p.path for p in info.value.problems] == ["foo", "loss", "bar"]
+
+
+def test_dates_and_times_in_free_values_are_written_back():
+    import datetime as dt
+
+    values = {"when": dt.date(2024, 1, 1), "at": dt.time(1, 30), "stamp": dt.datetime(2024, 1, 1, 12, 0, 5)}
+    text = dump_toml({"log": {"tracker_kwargs": {"tensorboard": values}}})
+    assert parse_toml(text)["log"]["tracker_kwargs"]["tensorboard"] == values
+
+
+def test_a_typo_is_reported_once_not_again_as_the_key_it_meant():
+    found = problems(BASE.replace("epochs = 1", "epoch = 5").replace("lr = 1e-3", "lerning_rate = 1e-3"))
+    assert [p.split("|")[0] for p in found] == ["trainer.epoch", "optim.lerning_rate"], found  # as in the README
+    found = problems(BASE.replace("in_features = 8", "in_feature = 8"))
+    assert [p.split("|")[0] for p in found] == ["model.in_feature"], found
+
+
+def test_the_engine_passed_first_argument_matches_any_name(tmp_path, monkeypatch):
+    (tmp_path / "factories.py").write_text(
+        "import torch\n\n\n"
+        "def my_opt(parameters, lr=1e-3):\n    return torch.optim.SGD(parameters, lr=lr)\n\n\n"
+        "def my_sched(opt, total_steps, warmup=0):\n"
+        "    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)\n\n\n"
+        "def no_args():\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = BASE.replace('{ _component_ = "adamw", lr = 1e-3 }', '{ _component_ = "factories.my_opt", lr = 0.1 }')
+    recipe = validate(parse_toml('scheduler = { _component_ = "factories.my_sched", warmup = 2 }\n' + text))
+    assert recipe.optim.target == "factories.my_opt" and recipe.scheduler.kwargs == {"warmup": 2}
+    msg = one(BASE.replace('{ _component_ = "adamw", lr = 1e-3 }', '"factories.no_args"'))
+    assert msg.startswith("optim._component_|") and "takes no positional argument for the `params`" in msg
+    msg = one(text.replace("lr = 0.1", "parameters = 1"))
+    assert msg.startswith("optim.parameters|") and "supplied by the engine" in msg
