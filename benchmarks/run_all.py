@@ -185,6 +185,16 @@ def rows(r: dict[str, dict[str, Any]]) -> list[Row]:
                     "as above, the engine with its callback list emptied",
                 ),
                 Row(
+                    f"Engine step vs bare loop making the engine's optimizer calls, {label}, default callbacks",
+                    f"{o['engine_us']} us vs {o['raw_lean_us']} us",
+                    ratio(o, "engine_vs_raw_lean"),
+                    "-",
+                    _met(None),
+                    "as above; the bare loop calls the optimizer as the engine does (`lean_optimizer_calls`: no "
+                    "per-call profiler annotation or hook loop), so this is the engine's own loop cost; no callbacks: "
+                    f"{o['engine_bare_vs_raw_lean_paired']}x",
+                ),
+                Row(
                     f"Engine step vs hand-written Accelerate loop, {label}",
                     f"{o['engine_us']} us vs {o['accelerate_us']} us",
                     ratio(o, "engine_vs_accelerate"),

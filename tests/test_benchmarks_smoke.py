@@ -65,7 +65,8 @@ CASES = {
         {"raw_us", "accelerate_us", "engine_us", "engine_bare_us", "engine_vs_raw", "engine_vs_raw_paired"}
         | {"engine_bare_vs_raw_paired", "engine_vs_accelerate", "engine_vs_accelerate_paired", "hidden", "warmup"}
         | {"engine_vs_raw_paired_ci95", "engine_bare_vs_raw_paired_ci95", "engine_vs_accelerate_paired_ci95"}
-        | {"raw_again_us", "raw_again_vs_raw_paired", "raw_again_vs_raw_paired_ci95"},
+        | {"raw_again_us", "raw_again_vs_raw_paired", "raw_again_vs_raw_paired_ci95"}
+        | {"raw_lean_us", "engine_vs_raw_lean_paired", "engine_bare_vs_raw_lean_paired_ci95"},
     ),
     "data": (
         "data_throughput",
