@@ -10,7 +10,7 @@ from typing import Any
 
 from accelengine.build import build_engine
 from accelengine.errors import EngineError
-from accelengine.recipe.validate import load_recipe
+from accelengine.recipe.validate import load_recipe, recipe_folder
 from accelengine.restart import CHECKPOINT_DIR, plan_resume, resolve_checkpoint
 from accelengine.rundir import default_run_dir
 
@@ -34,7 +34,7 @@ def run(
         out = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else None
     out_dir = Path(out) if out is not None else default_run_dir(recipe.name)
     engine = build_engine(recipe, out_dir, resume_from=plan_resume(out_dir, resume))
-    engine.code_root = Path(recipe_path).resolve().parent  # `log.copy_code` globs are relative to the recipe
+    engine.code_root = recipe_folder(recipe_path)  # `log.copy_code` globs are relative to the recipe
     return engine.fit()
 
 

@@ -165,3 +165,20 @@ def test_out_naming_a_file_is_a_message(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = run_cli("run", "recipes/digits.toml", "--out", str(tmp_path / "afile"))
     assert res.returncode == 2 and "is a file, not a directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_run_directorys_recipe_runs_again_with_the_modules_beside_the_original(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "beside_model.py").write_text("import torch\n\n\ndef make():\n    return torch.nn.Linear(64, 10)\n")
+    recipe = (ROOT / "recipes/digits.toml").read_text()
+    start = recipe.index("model = ")
+    end = recipe.index("\n", start)
+    (project / "user.toml").write_text(recipe[:start] + 'model = "beside_model.make"' + recipe[end:])
+    first, second = tmp_path / "first", tmp_path / "second"
+    quick = ["--set", "trainer.epochs=1", "--set", 'log.copy_code=["*.py"]']
+    assert run_cli("run", str(project / "user.toml"), "--out", str(first), *quick).returncode == 0
+    assert json.loads((first / "env.json").read_text())["recipe_dir"] == str(project.resolve())
+    res = run_cli("run", str(first / "recipe.toml"), "--out", str(second), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (second / "code" / "beside_model.py").is_file()  # the code snapshot globs the original folder too

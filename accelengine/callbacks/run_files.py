@@ -42,6 +42,8 @@ class RunFiles(Callback):
             header = f"resolved recipe (every default filled in); run it again with:\naccelengine run {out}/recipe.toml"
             (Path(out) / "recipe.toml").write_text(dump_toml(engine.recipe, header), encoding="utf-8")
         env = environment(engine.accelerator, engine.seed)
+        if getattr(engine, "code_root", None) is not None:  # a re-run of `RUN_DIR/recipe.toml` imports from here
+            env["recipe_dir"] = str(engine.code_root)
         if self.copy_code:
             root = Path(getattr(engine, "code_root", None) or Path.cwd())
             env["code_snapshot"] = snapshot_code(self.copy_code, root, Path(out) / "code")

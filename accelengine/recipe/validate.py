@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -287,7 +288,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data = load_toml(path)
     data.setdefault("name", path.stem)
     apply_overrides(data, overrides or [])
-    return validate(data, str(path), path.resolve().parent)
+    return validate(data, str(path), recipe_folder(path))
+
+
+def recipe_folder(path: str | Path) -> Path:
+    """Where a recipe's own modules (and `log.copy_code` globs) are found: the recipe's folder, or, for the resolved
+    `recipe.toml` a run directory holds, the folder of the recipe it was resolved from (the run's `env.json` records
+    it as `recipe_dir`), so that `accelengine run RUN_DIR/recipe.toml` runs again as it did."""
+    folder = Path(path).resolve().parent
+    try:
+        recorded = json.loads((folder / "env.json").read_text(encoding="utf-8")).get("recipe_dir")
+    except (OSError, ValueError, AttributeError):
+        return folder
+    return Path(recorded) if isinstance(recorded, str) and Path(recorded).is_dir() else folder
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
