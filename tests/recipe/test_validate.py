@@ -258,3 +258,22 @@ def test_the_engine_passed_first_argument_matches_any_name(tmp_path, monkeypatch
     assert msg.startswith("optim._component_|") and "takes no positional argument for the `params`" in msg
     msg = one(text.replace("lr = 0.1", "parameters = 1"))
     assert msg.startswith("optim.parameters|") and "supplied by the engine" in msg
+
+
+def test_recipe_folder_falls_back_to_the_recipes_own_when_the_record_is_damaged_or_gone(tmp_path):
+    from accelengine.recipe.validate import recipe_folder
+
+    original = tmp_path / "original"
+    original.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.toml").write_text(BASE)
+    assert recipe_folder(run / "recipe.toml") == run.resolve()  # no env.json: a plain recipe
+    for env, expected in [
+        (f'{{"recipe_dir": "{original}"}}', original),
+        (f'{{"recipe_dir": "{tmp_path / "gone"}"}}', run.resolve()),  # moved to another machine
+        ("{not json", run.resolve()),
+        ('["a list"]', run.resolve()),
+    ]:
+        (run / "env.json").write_text(env)
+        assert recipe_folder(run / "recipe.toml") == expected, env
