@@ -228,12 +228,6 @@ class Engine:
                 raise EngineError(NO_LOSS)  # before anything runs, not at the first step
             if self.config.epochs is None and self.config.steps is None:
                 raise EngineError("set the length of training: TrainerConfig(epochs=...) or TrainerConfig(steps=...)")
-            opt = self._optimizer_arg
-            if not isinstance(opt, torch.optim.Optimizer):
-                opt = opt(self.model.parameters())
-            self.model, self.optimizer = acc.prepare(self.model, opt)
-        else:
-            self.model = acc.prepare(self.model)
         # On the CPU the batches are already where they go: skip the per-batch walk that would move them.
         on_cpu = acc.device.type == "cpu"
         # One CPU process without accumulation: Accelerate's loader wrapper would neither shard, move, nor mark the
@@ -245,12 +239,20 @@ class Engine:
             else acc.prepare_data_loader(dl, device_placement=not on_cpu)
             for name, dl in zip(names, loaders, strict=True)
         ]
-        self.loaders = dict(zip(names, loaders, strict=True))
-        if training and self._scheduler_arg is not None:
+        self.loaders = dict(zip(names, loaders, strict=True))  # first: `total_steps` counts the prepared loader
+        if training:
+            opt = self._optimizer_arg
+            if not isinstance(opt, torch.optim.Optimizer):
+                opt = opt(self.model.parameters())
+            # The scheduler is made before `prepare`: with a gradient scaler Accelerate's optimizer puts back, after
+            # every step, the `step` it saw at `prepare`, which must then be the one the scheduler tracks.
             sched = self._scheduler_arg
             if callable(sched) and not hasattr(sched, "step"):
-                sched = _call_with_total_steps(sched, self.optimizer.optimizer, self.total_steps)
+                sched = _call_with_total_steps(sched, opt, self.total_steps)
             self.scheduler = sched
+            self.model, self.optimizer = acc.prepare(self.model, opt)
+        else:
+            self.model = acc.prepare(self.model)
         for m in self.metrics.values():
             if isinstance(m, nn.Module):
                 m.to(acc.device)

@@ -190,3 +190,23 @@ def test_the_direct_driver_uses_the_lean_calls():
     engine, _ = train(False)
     assert engine.driver.step.__qualname__.startswith("lean_optimizer_calls")
     assert engine.driver.zero_grad.__qualname__.startswith("lean_optimizer_calls")
+
+
+def test_a_gradient_scaler_and_a_scheduler_train_without_a_scheduler_warning(monkeypatch, recwarn):
+    """fp16 on a GPU brings a gradient scaler (simulated with a CPU one): Accelerate's optimizer then swaps its
+    `step` around every call and puts back the method it saw at `prepare`. A scheduler made after that had its
+    call tracker dropped, and torch warned that `optimizer.step()` was overridden after the scheduler was made."""
+    make_accelerator = Engine._make_accelerator
+
+    def with_scaler(self):
+        accelerator = make_accelerator(self)
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        return accelerator
+
+    plain, plain_losses = train(False)
+    monkeypatch.setattr(Engine, "_make_accelerator", with_scaler)
+    scaled, scaled_losses = train(False)
+    assert scaled.driver.path == "accelerate" and scaled.accelerator.scaler is not None
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message) or "optimizer.step()" in str(w.message)]
+    assert scaled.scheduler.get_last_lr() == plain.scheduler.get_last_lr() and scaled.scheduler.last_epoch == 9
+    assert len(scaled_losses) == len(plain_losses) == 9
