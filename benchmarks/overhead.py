@@ -170,13 +170,30 @@ def _glibc() -> Any:
 _LIBC = _glibc()
 
 
-def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+def median_interval(
+    values: list[float], level: float = 0.95, resamples: int = 2000, group_size: int | None = None
+) -> tuple[float, float]:
     """A bootstrap interval of the median of `values` (percentile method, fixed seed): how far the paired ratio
     could move between two measurements on this machine. One round's ratio scatters by several percent (the
     contestants of a round get different heap layouts, and the machine drifts), so a 1 % target needs many rounds
-    before its verdict means anything; this says how many were enough."""
+    before its verdict means anything; this says how many were enough.
+
+    With `group_size`, `values` are consecutive groups of that many rounds (one per process) and the bootstrap is
+    two-stage: groups are drawn, then rounds within each. Rounds of one process share its memory layout, so they
+    are not independent draws of it; resampling them alone would give an interval too narrow."""
     draw = random.Random(0)
-    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    if group_size:
+        groups = [values[i : i + group_size] for i in range(0, len(values), group_size)]
+
+        def resample() -> list[float]:
+            return [v for group in draw.choices(groups, k=len(groups)) for v in draw.choices(group, k=len(group))]
+
+    else:
+
+        def resample() -> list[float]:
+            return draw.choices(values, k=len(values))
+
+    medians = sorted(statistics.median(resample()) for _ in range(resamples))
     tail = (1 - level) / 2
     return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
 
@@ -210,17 +227,22 @@ def collect(
     return runs
 
 
-def collect_in_processes(script: str, processes: int, rounds: int, args: list[str]) -> dict[str, list[float]]:
+def collect_in_processes(
+    script: str, processes: int, rounds: int, args: list[str], layout_seeds: bool = False
+) -> dict[str, list[float]]:
     """A benchmark script's `collect` (its `--runs-only` output: per-round figures of each contestant) in `processes`
     fresh processes, one after the other, `rounds / processes` rounds each, pooled.
 
     Within one process a contestant keeps the same heap layout and memory placement throughout, which favours one of
     them by up to about 1 % for the whole run (the control shows it); a fresh process draws them anew, so pooling
-    several processes averages that bias out instead of reporting one draw of it."""
+    several processes averages that bias out instead of reporting one draw of it. Where a process's allocations
+    repeat the same sequence, it draws the same layout every time; with `layout_seeds` each child gets
+    `--layout-seed K` (K = 0, 1, ...) to vary it (see `data_throughput.py`)."""
     runs: dict[str, list[float]] = {}
     per_process = -(-rounds // processes)
-    for _ in range(processes):
-        command = [sys.executable, script, *args, "--rounds", str(per_process), "--runs-only"]
+    for k in range(processes):
+        seed = ["--layout-seed", str(k)] if layout_seeds else []
+        command = [sys.executable, script, *args, *seed, "--rounds", str(per_process), "--runs-only"]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -171,3 +171,35 @@ def test_a_failing_child_process_is_reported_with_its_command_and_error():
     # the first child fails (a bad argument): the error names its command and quotes its stderr; no second one runs
     with pytest.raises(RuntimeError, match=r"(?s)--hidden wide --rounds 1 --runs-only failed \(2\).*invalid int"):
         load("overhead").collect_in_processes(str(BENCHMARKS / "overhead.py"), 2, 2, ["--hidden", "wide"])
+
+
+def test_each_child_process_gets_its_own_layout_seed(tmp_path):
+    # a child that reports the seed it was given: process K gets `--layout-seed K`, and its rounds stay in order
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, sys\n"
+        "seed = float(sys.argv[sys.argv.index('--layout-seed') + 1])\n"
+        "rounds = int(sys.argv[sys.argv.index('--rounds') + 1])\n"
+        "print(json.dumps({'seed': [seed] * rounds}))\n"
+    )
+    runs = load("overhead").collect_in_processes(str(child), 3, 6, [], layout_seeds=True)
+    assert runs == {"seed": [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]}
+
+
+def test_interval_of_grouped_rounds_spans_the_groups():
+    # rounds agree within each process but the processes disagree: resampling rounds alone would call the median
+    # certain; the two-stage interval (processes, then rounds) must cover the spread between processes
+    median_interval = load("overhead").median_interval
+    values = [0.97] * 40 + [1.0] * 40 + [1.03] * 40
+    assert median_interval(values) == (1.0, 1.0)
+    low, high = median_interval(values, group_size=40)
+    assert low <= 0.97 and high >= 1.03
+
+
+def test_data_figure_pools_processes_with_their_own_layouts(capsys, monkeypatch):
+    pytest.importorskip("datasets")
+    args = ["--samples", "512", "--rounds", "2", "--processes", "2", "--json"]
+    result = run_main("data_throughput", args, capsys, monkeypatch)
+    assert result["processes"] == 2 and result["rounds"] == 2
+    low, high = result["hf_vs_tensor_dataset_paired_ci95"]
+    assert low <= result["hf_vs_tensor_dataset_paired"] <= high
