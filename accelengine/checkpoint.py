@@ -20,7 +20,9 @@ On-disk format (a checkpoint is a directory holding only `.json` and `.safetenso
 - `manifest.json`, written last: format name and version, save sequence number, world size, part names, `meta`,
   the keep-best metric, and every file with its size and checksum, stored under the algorithm's name:
   `{"name", "size", "xxh3_128": <hex>}` (what saves write) or `{"name", "size", "sha256": <hex>}` (what earlier
-  versions wrote; still read). A directory without a valid manifest is incomplete.
+  versions wrote; still read). Last, `manifest_xxh3_128`: the manifest's own checksum, of its other entries as
+  written (manifests of earlier versions have none and are still read). A directory without a valid manifest is
+  incomplete; one whose manifest does not match its own checksum is damaged.
 - `root/latest` is a text file naming the newest checkpoint directory.
 
 Saving writes into `root/.tmp-<name>`, fsyncs every file and the directory, renames it into place, fsyncs the root,
@@ -93,6 +95,7 @@ _CHECKSUMS: dict[str, tuple[Callable[[], Any], int]] = {
     "sha256": (hashlib.sha256, 64),
 }
 _CHECKSUM = "xxh3_128"
+_SEAL = "manifest_xxh3_128"  # the manifest's own checksum (see `_sealed`)
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,199}")
 _PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
 
@@ -424,8 +427,19 @@ def _write_bytes(path: Path, data: bytes) -> _FileRecord:
     return _FileRecord(path.name, size, _CHECKSUM, _digest([data]))
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _write_json(path: Path, obj: Any) -> _FileRecord:
-    return _write_bytes(path, json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
+    return _write_bytes(path, _json_bytes(obj))
+
+
+def _sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its own checksum added last (`_SEAL`): of the manifest's other entries as they are written.
+    Parsing and writing them again gives the same bytes (insertion order, Python's shortest float repr), so a reader
+    recomputes it from what it parsed."""
+    return {**manifest, _SEAL: _digest([_json_bytes(manifest)])}
 
 
 def _write_safetensors(path: Path, blobs: Mapping[str, _Blob], pool: ThreadPoolExecutor) -> tuple[int, Future]:
@@ -501,6 +515,14 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {where}: {e.strerror or e}") from e
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path} is damaged: {MANIFEST} is not valid JSON ({e})") from e
+    seal = manifest.pop(_SEAL, None) if isinstance(manifest, dict) else None
+    if seal is not None:  # manifests of earlier versions have none: their files' checksums still protect the data
+        try:
+            intact = seal == _digest([_json_bytes(manifest)])
+        except ValueError:  # a NaN or infinity, which no save writes
+            intact = False
+        if not intact:
+            raise CheckpointError(f"checkpoint {path} is damaged: {MANIFEST} does not match its own checksum")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not an accelengine checkpoint ({MANIFEST} has no format {FORMAT_NAME!r})")
     version = manifest.get("format_version")
@@ -1174,7 +1196,7 @@ class CheckpointManager:
             "writers": tokens,
             "meta": extra["meta"],
         }
-        _write_json(tmp / MANIFEST, manifest)
+        _write_json(tmp / MANIFEST, _sealed(manifest))
         try:
             _fsync_dir(tmp)
         except OSError as e:

@@ -520,12 +520,36 @@ def test_two_processes_save_collectively(tmp_path):
 # Checksums and the single-pass read
 
 
-def _rewrite_manifest(path, edit):
+def _rewrite_manifest(path, edit, *, earlier=False):
+    """Edit a manifest as a writer would: sealed with its own checksum, or as `earlier` versions wrote it (none)."""
     import json
 
+    from accelengine.checkpoint import _sealed
+
     manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest.pop("manifest_xxh3_128")  # what saves write now
     edit(manifest)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(json.dumps(manifest if earlier else _sealed(manifest)))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text.replace('"step":2', '"step":3'),  # a digit: still valid JSON, every file still matches
+        lambda text: text.replace('"world_size":1', '"world_size":2'),
+        lambda text: text.replace('"manifest_xxh3_128":"', '"manifest_xxh3_128":"0'),
+    ],
+    ids=["meta", "world-size", "its-checksum"],
+)
+def test_a_manifest_changed_after_it_was_written_is_damaged_and_skipped(tmp_path, damage):
+    first = save_one(tmp_path, "step-00000001", step=1)
+    second = save_one(tmp_path, "step-00000002", step=2)
+    text = (second / "manifest.json").read_text()
+    assert damage(text) != text
+    (second / "manifest.json").write_text(damage(text))
+    with pytest.raises(CheckpointError, match=rf"{second.name} is damaged: manifest\.json does not match its own"):
+        read_checkpoint(second)
+    assert find_latest(tmp_path) == first  # falls back to the intact one
 
 
 def test_manifests_with_sha256_checksums_of_earlier_saves_are_still_read(tmp_path):
@@ -542,7 +566,7 @@ def test_manifests_with_sha256_checksums_of_earlier_saves_are_still_read(tmp_pat
             del f["xxh3_128"]
             f["sha256"] = hashlib.sha256((path / f["name"]).read_bytes()).hexdigest()
 
-    _rewrite_manifest(path, to_sha256)
+    _rewrite_manifest(path, to_sha256, earlier=True)
     assert_same(read_checkpoint(path).parts["model"], model.state_dict())
     assert find_latest(tmp_path) == path
     _flip(path / "model.safetensors")
