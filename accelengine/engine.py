@@ -261,6 +261,10 @@ class Engine:
         self._read_losses_on_host(on_cpu and not self._distributed)
         self._bind_hooks()
         self._prepared = True
+        if self._distributed:
+            from accelengine.restart import agree_on_resume
+
+            self.resume_from = agree_on_resume(acc, self.resume_from)
         if self.resume_from is not None:
             from accelengine.restart import restore
 

@@ -322,6 +322,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise EngineError(f"no complete checkpoint found at {path}")
 
 
+def agree_on_resume(accelerator: Any, path: Path | None) -> Path | None:
+    """The checkpoint every process continues from: rank 0's. Each process chose its own (`plan_resume` runs before
+    the processes can talk), and a read error on one of them, or a checkpoint being written meanwhile, can make it
+    choose another: processes resuming at different steps would wait for each other for ever."""
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    chosen = broadcast_object_list([None if path is None else str(path)])[0]
+    chosen = None if chosen is None else Path(chosen)
+    if chosen != path:
+        logger.warning(
+            "rank %d would have continued from %s; it continues from %s, as rank 0 does",
+            accelerator.process_index,
+            path or "the beginning",
+            chosen or "the beginning",
+        )
+    return chosen
+
+
 def plan_resume(out_dir: Path, resume: str) -> Path | None:
     """Which checkpoint a run continues from: `auto` (newest complete one in the run directory, if any),
     `never` (the directory must be new or empty) or a path."""

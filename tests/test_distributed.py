@@ -71,3 +71,50 @@ def test_rank_zero_of_one_misconfiguration_is_refused(tmp_path):
     assert res.returncode != 0
     assert "believes it is rank 0 of 1" in res.stderr and 'trainer.device = "cpu"' in res.stderr
     assert not (out / "summary.json").exists()
+
+
+RANK_ONE_SEES_AN_OLDER_CHECKPOINT = """
+import os
+import sys
+from pathlib import Path
+
+import accelengine.restart
+
+if os.environ["RANK"] == "1":  # as a read error on the newest checkpoint would make it: the next one is the latest
+    accelengine.restart.find_latest = lambda root: Path(root) / "step-00000004"
+
+from accelengine.cli import main
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(tmp_path):
+    """Each process picks the checkpoint to continue from on its own, before they can talk; if one picks another
+    (here rank 1 is made to see step 4 as the newest, step 8 being the real one), it follows rank 0, with a warning,
+    instead of resuming at a different step and leaving the processes waiting for each other."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(batch=8, device="cpu") + "[checkpoint]\nevery_steps = 4\n")
+    out = tmp_path / "run"
+    first = subprocess.run(
+        launch_command(2, "run", str(recipe), "--out", str(out)),
+        cwd=ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert {"step-00000004", "step-00000008"} <= {p.name for p in (out / "checkpoints").iterdir()}
+    wrapper = tmp_path / "rank_one_sees_older.py"
+    wrapper.write_text(RANK_ONE_SEES_AN_OLDER_CHECKPOINT)
+    command = [*launch_command(2)[:-2], str(wrapper), "run", str(recipe), "--out", str(out)]
+    command += ["--set", "trainer.steps=12"]
+    second = subprocess.run(command, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "rank 1 would have continued from" in second.stderr and "step-00000008" in second.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    steps = [r["step"] for r in records(out) if "train/loss" in r]
+    assert steps == list(range(1, 13))  # 9..12 continued the first run's 1..8 once, not twice from step 5
