@@ -34,6 +34,38 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file, or None when it is missing or half-written."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def summary_is_stale(run_dir: Path) -> bool:
+    """Whether a run directory's `summary.json` is from an earlier attempt: a later one started (every run rewrites
+    `env.json` as it starts) and ended without writing its own (killed, out of memory, node lost).
+
+    Each attempt writes a random `attempt` id into `env.json` and `summary.json`: when `env.json` has one, they
+    decide. Run directories of earlier versions have none; then both the files' times and the start time recorded
+    inside `env.json` must say so: file times alone mislead after a copy that does not keep them (`cp -r`), the
+    recorded start (a local time, in whole seconds) alone when read in another time zone."""
+    env = read_json(run_dir / "env.json")
+    if isinstance(env, dict) and "attempt" in env:
+        summary = read_json(run_dir / "summary.json")
+        return isinstance(summary, dict) and summary.get("attempt") != env["attempt"]
+    try:
+        summary_time = (run_dir / "summary.json").stat().st_mtime
+        env_time = (run_dir / "env.json").stat().st_mtime
+    except OSError:
+        return False
+    try:
+        started = _dt.datetime.fromisoformat(env["started"]).timestamp()
+    except (TypeError, KeyError, ValueError):
+        return False
+    return env_time > summary_time and started > summary_time
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=True)

@@ -34,6 +34,17 @@ def test_one_run(tmp_path, capsys):
     assert "run: completed, 6 steps, train/loss" in out and "3 plots in" in out
 
 
+def test_a_summary_left_by_an_earlier_attempt_is_not_reported_as_the_run(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    env = json.loads((run / "env.json").read_text())
+    (run / "env.json").write_text(json.dumps({**env, "attempt": "later"}))  # a later attempt started, then was killed
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "run: no summary.json of its latest attempt, 6 steps" in out and "completed" not in out
+
+
 def test_several_runs_overlaid(tmp_path, monkeypatch):
     session = tmp_path / "session"
     make_run(session / "experiments" / "lr_0.1", lr=0.1)

@@ -4,8 +4,13 @@ in parallel, resumed, and through submitit's local executor."""
 from __future__ import annotations
 
 import csv
+import datetime
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +22,7 @@ from accelengine.recipe import load_recipe, parse_toml, validate
 from accelengine.sweep import expand, plan, run_session
 from accelengine.sweep.expand import validate_experiments
 from accelengine.sweep.launch import experiment_command, plan_slots, with_free_port
+from accelengine.sweep.results import best_of, mark_best, new_rows, read_row
 from accelengine.sweep.session import load_session
 
 from .conftest import ROOT, run_cli
@@ -474,3 +480,205 @@ def test_the_runs_names_can_be_an_axis(tmp_path):
     assert '"first"' in table and '"second"' in table
     resolved = load_session(path).resolved
     assert [r["name"] for r in resolved] == ["first", "second"]
+
+
+# --- re-runs killed before their summary ---------------------------------------------------------------------------
+
+# A callback for the experiments below: the first attempt fails (it writes a summary, with its evaluation), a later
+# one is killed outright at the same point (out of memory, a node lost): it writes no summary.
+FAIL_THEN_KILL = """
+import os
+import signal
+from pathlib import Path
+
+from accelengine.callbacks.base import Callback
+
+
+class FailThenKill(Callback):
+    def __init__(self, step: int, flag: str) -> None:
+        super().__init__()
+        self.step, self.flag = step, Path(flag)
+
+    def after_fit_step(self, engine) -> None:
+        if engine.state.step < self.step:
+            return
+        if not self.flag.exists():
+            self.flag.touch()
+            raise RuntimeError("the first attempt fails")
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_summary_is_stale_only_once_a_later_attempt_started(tmp_path):
+    from accelengine.rundir import summary_is_stale, write_json
+
+    summary, env = tmp_path / "summary.json", tmp_path / "env.json"
+
+    def started(at: float) -> None:  # what every run writes as it starts
+        write_json(env, {"started": datetime.datetime.fromtimestamp(at).isoformat(timespec="seconds")})
+        os.utime(env, (at, at))
+
+    now = time.time()
+    started(now - 100)
+    summary.write_text("{}")
+    os.utime(summary, (now - 50, now - 50))
+    assert not summary_is_stale(tmp_path)  # written by the attempt that started before it
+    os.utime(env, (now, now))  # a copy that does not keep file times (`cp -r`) wrote env.json last
+    assert not summary_is_stale(tmp_path)
+    started(now)  # a later attempt started, and ended without a summary
+    assert summary_is_stale(tmp_path)
+    os.utime(summary, (now + 5, now + 5))  # ...or with one
+    assert not summary_is_stale(tmp_path)
+    env.unlink()
+    assert not summary_is_stale(tmp_path)
+
+
+def test_the_attempt_id_in_env_and_summary_decides_whether_a_summary_is_stale(tmp_path):
+    """A real run writes the same new `attempt` id into `env.json` and `summary.json`; a later attempt's `env.json`
+    (one second or one microsecond later, whatever the file times say) makes the summary an earlier attempt's."""
+    from accelengine.rundir import summary_is_stale, write_json
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY.split("[sweep]")[0])
+    out = tmp_path / "run"
+    assert run_cli("run", str(recipe), "--out", str(out)).returncode == 0
+    env, summary = (json.loads((out / f).read_text()) for f in ("env.json", "summary.json"))
+    assert len(env["attempt"]) == 32 and summary["attempt"] == env["attempt"]
+    assert not summary_is_stale(out)
+    write_json(out / "env.json", {**env, "attempt": "0" * 32})  # the next attempt started; its times are older
+    os.utime(out / "env.json", (0, 0))
+    assert summary_is_stale(out)
+
+
+def test_the_error_of_an_experiment_comes_from_its_latest_attempt(tmp_path):
+    from accelengine.sweep.launch import log_header
+    from accelengine.sweep.results import error_from_log
+
+    log = tmp_path / "console.log"
+    with open(log, "a") as f:
+        log_header(["python", "-m", "accelengine", "run"], f)
+        f.write("Traceback (most recent call last):\nRuntimeError: the first attempt failed\n")
+        log_header(["python", "-m", "accelengine", "run"], f)
+        f.write("### not a header: the run's own output\nepoch 3 step 40  train/loss 0.1\n")
+    assert error_from_log(log) == "epoch 3 step 40  train/loss 0.1"  # not the earlier attempt's exception
+    log.write_text("ValueError: a log without headers\nlast line\n")
+    assert error_from_log(log) == "ValueError: a log without headers"
+
+
+def _evaluations(metrics) -> list[dict]:
+    records = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # the line being written
+            continue
+    return [r for r in records if "val/loss" in r]
+
+
+@pytest.mark.slow
+def test_a_rerun_killed_before_its_summary_is_not_ranked_as_the_earlier_result(tmp_path):
+    """Experiment 0 completed, was then run again for longer on its own directory (`accelengine run`) and killed
+    outright: its summary.json is still the first attempt's, while its metrics.jsonl goes on with the killed one."""
+    text = TINY.replace("lr = 0.5", "lr_ = [0.1, 0.5]").replace('metric = "val/accuracy"', 'metric = "val/loss"')
+    path = write(tmp_path, text)
+    out = tmp_path / "session"
+    first = run_session(path, out=out, echo=lambda line: None)
+    assert first.ok and first.best is first.rows[1]  # lr 0.5 learns more in 5 steps
+    exp = out / "experiments" / "00-lr=0.1"
+    earlier = (exp / "summary.json").read_text()
+    time.sleep(1)  # a re-run starts after the second the earlier attempt ended in (`started` is in whole seconds)
+
+    rerun = [sys.executable, "-m", "accelengine", "run", str(exp / "recipe.toml"), "--out", str(exp)]
+    proc = subprocess.Popen(
+        [*rerun, "--set", "trainer.steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    try:  # killed once it has beaten experiment 1: the earlier attempt, credited with that, would win the session
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(r["val/loss"] < first.rows[1].best for r in _evaluations(exp / "metrics.jsonl")):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (exp / "summary.json").read_text() == earlier  # the state a killed re-run leaves: the earlier summary
+    assert best_of(exp / "metrics.jsonl", "val/loss", "min")[0] < first.rows[1].best
+
+    assert plan(out).splitlines()[-2].split()[-1] == "partial"  # not `completed`: its latest attempt did not finish
+    rows = new_rows(load_session(path).experiments)
+    for row in rows:
+        read_row(row, out / "experiments" / row.name, "val/loss", "min")
+    assert rows[0].status == "partial" and rows[0].final == {} and rows[0].wall_time_s is None
+    assert "an earlier attempt's says `completed`" in rows[0].error
+    assert mark_best(rows, "min") is rows[1] and not rows[0].is_best
+
+    # the session resumes it like any unfinished experiment, and its row is then that attempt's
+    again = run_session(out, echo=lambda line: None)
+    assert again.ok and again.best is again.rows[1]
+    assert (exp / "console.log").read_text().count("### ") == 2 and (exp / "summary.json").read_text() != earlier
+
+
+@pytest.mark.slow
+def test_a_rerun_the_session_started_and_that_was_killed_shows_how_it_ended(tmp_path):
+    (tmp_path / "fail_then_kill.py").write_text(FAIL_THEN_KILL)
+    flag = tmp_path / "failed-once"
+    text = TINY.replace("steps = 5", "steps = 8")  # evaluates at step 5, fails (then is killed) at step 7
+    path = write(
+        tmp_path, text + f'\n[[callbacks]]\n_component_ = "fail_then_kill.FailThenKill"\nstep = 7\nflag = "{flag}"\n'
+    )
+    out = tmp_path / "session"
+    (row,) = run_session(path, out=out, echo=lambda line: None).rows
+    assert row.status == "failed" and "the first attempt fails" in row.error and "val/accuracy" in row.final
+
+    time.sleep(1)  # as in the test above: a later second
+    lines: list[str] = []
+    (row,) = run_session(out, echo=lines.append).rows  # resumed: the failed experiment runs again, and is killed
+    assert row.status == "failed" and row.error == "killed by SIGKILL", lines
+    assert row.final == {} and row.wall_time_s is None  # not the first attempt's evaluation
+    (written,) = rows_of(out)
+    assert written["status"] == "failed" and written["error"] == "killed by SIGKILL"
+    assert not any(v for k, v in written.items() if k.startswith("final ") or k == "wall_time_s")
+    assert plan(out).splitlines()[-1].split()[-1] == "partial"  # read back later: started, no summary of its own
+
+
+# --- ranking direction ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("val/loss", "min"), ("val/error", "min"), ("val/perplexity", "min"), ("val/mae", "min"), ("val/rmse", "min"),
+     ("val/wer", "min"), ("val/cer", "min"), ("val/word_error", "min"), ("val/accuracy", "max"), ("val/f1", "max"),
+     ("val/top1_accuracy", "max"), ("test/auroc", "max")],
+)  # fmt: skip
+def test_the_ranking_direction_of_known_metric_names(tmp_path, metric, mode):
+    path = write(tmp_path, TINY.replace('metric = "val/accuracy"', f'metric = "{metric}"'))
+    assert (load_session(path).metric, load_session(path).mode) == (metric, mode)
+
+
+def test_a_metric_name_that_says_no_direction_needs_the_mode(tmp_path, capsys):
+    path = write(tmp_path, TINY.replace('metric = "val/accuracy"', 'metric = "val/score"'))
+    with pytest.raises(RecipeError) as info:
+        load_session(path)
+    (problem,) = info.value.problems
+    assert problem.path == "sweep.mode" and "`val/score`" in problem.message and "--set sweep.mode=min" in problem.hint
+    assert main(["sweep", str(path), "--dry-run"]) == 2  # refused before anything runs, like any recipe mistake
+    assert "`sweep.mode`: cannot tell whether a smaller or a larger `val/score`" in capsys.readouterr().err
+    assert load_session(path, ["sweep.mode=min"]).mode == "min"  # the mode, given, is the answer
+    assert load_session(path, ["sweep.mode=max"]).mode == "max"
+    # a name on both lists is as unclear as one on neither; a given mode beats any name
+    both = write(tmp_path, TINY.replace('metric = "val/accuracy"', 'metric = "val/accuracy_error"'), "both.toml")
+    with pytest.raises(RecipeError, match=r"`sweep\.mode`: cannot tell"):
+        load_session(both)
+    named = write(tmp_path, TINY.replace('metric = "val/accuracy"', 'metric = "val/loss"\nmode = "max"'), "m.toml")
+    assert load_session(named).mode == "max"
+
+
+def test_the_checkpoint_monitor_ranks_by_its_own_mode_or_its_name(tmp_path):
+    no_sweep_metric = TINY.replace('[sweep]\nmetric = "val/accuracy"', "")
+    error = write(tmp_path, no_sweep_metric + '\n[checkpoint]\nmonitor = "val/error"\n', "error.toml")
+    assert (load_session(error).metric, load_session(error).mode) == ("val/error", "min")  # not the default `max`
+    given = write(tmp_path, no_sweep_metric + '\n[checkpoint]\nmonitor = "val/error"\nmode = "max"\n', "g.toml")
+    assert load_session(given).mode == "max"
+    unknown = write(tmp_path, no_sweep_metric + '\n[checkpoint]\nmonitor = "val/score"\n', "score.toml")
+    with pytest.raises(RecipeError, match=r"`sweep.mode`: .*`val/score` \(`checkpoint.monitor`\)"):
+        load_session(unknown)

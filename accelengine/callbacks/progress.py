@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from accelengine.engine import Engine
 
 # Names that are better when smaller: the summary and progress pick the direction of a metric from its name.
-LOWER_IS_BETTER = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer")
+LOWER_IS_BETTER = ("loss", "error", "err", "nll", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer")
 
 
 def lower_is_better(metric: str) -> bool:

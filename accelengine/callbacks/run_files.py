@@ -4,6 +4,7 @@ snapshot of the source files in `code/`. (`summary.json` is written at the end b
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 from accelengine.callbacks.base import Callback
@@ -42,6 +43,9 @@ class RunFiles(Callback):
             header = f"resolved recipe (every default filled in); run it again with:\naccelengine run {out}/recipe.toml"
             (Path(out) / "recipe.toml").write_text(dump_toml(engine.recipe, header), encoding="utf-8")
         env = environment(engine.accelerator, engine.seed)
+        # Names this attempt: `summary.json` carries it too, so a summary left by an earlier attempt of the same run
+        # directory (this one then killed before writing its own) is told apart exactly.
+        env["attempt"] = engine.summary_extras["attempt"] = uuid.uuid4().hex
         if getattr(engine, "code_root", None) is not None:  # a re-run of `RUN_DIR/recipe.toml` imports from here
             env["recipe_dir"] = str(engine.code_root)
         if self.copy_code:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from accelengine.recipe.toml_io import format_value
+from accelengine.rundir import read_json, summary_is_stale
 from accelengine.sweep.expand import Experiment, show
 
 DONE = ("completed", "stopped")  # statuses a resumed session does not run again
 _EXCEPTION_LINE = re.compile(r"^(error:|[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b)")
+_ATTEMPT_HEADER = re.compile(r"^### \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ")  # `launch.log_header`
 
 
 @dataclass
@@ -44,14 +46,6 @@ def n_experiments(count: int) -> str:
     return f"{count} experiment" + ("" if count == 1 else "s")
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or None when it is missing or half-written."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
@@ -76,12 +70,14 @@ def best_of(metrics_path: Path, metric: str, mode: str) -> tuple[float | None, i
 
 
 def error_from_log(log: Path, lines: int = 1) -> str:
-    """The line of a console log that says what went wrong: the last exception or `error:` line, else the last."""
+    """The line of a console log that says what went wrong in the latest attempt (the log holds every attempt, each
+    after its `### <time> <command>` header): its last exception or `error:` line, else its last line."""
     try:
         text = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return ""
-    text = [t.strip() for t in text if t.strip()]
+    headers = [i for i, t in enumerate(text) if _ATTEMPT_HEADER.match(t)]
+    text = [t.strip() for t in text[headers[-1] + 1 if headers else 0 :] if t.strip()]
     for i in range(len(text) - 1, -1, -1):
         if _EXCEPTION_LINE.match(text[i]):
             return " / ".join(text[i : i + lines])
@@ -95,18 +91,29 @@ def tail(path: Path, lines: int = 8) -> str:
         return ""
 
 
-def read_row(row: Row, exp_dir: Path, metric: str | None, mode: str) -> Row:
-    """Fill `row` from the experiment's directory: its summary when there is one, else `partial` (it was started)
-    or `pending`; and the best value of `metric` in its metrics."""
+def read_row(row: Row, exp_dir: Path, metric: str | None, mode: str, current: bool | None = None) -> Row:
+    """Fill `row` from the experiment's directory: the outcome its summary records when that summary is the latest
+    attempt's, else `partial` (started: killed, or crashed before training) or `pending`; and the best value of
+    `metric` in its metrics (so far, for an unfinished run).
+
+    `current` says whether `summary.json` is the latest attempt's, when the caller knows (the session watched the
+    attempt); by default `summary_is_stale` decides. An earlier attempt's summary is not the experiment's result: the
+    row gets no final values and is not ranked; its `error` names the earlier outcome."""
     summary = read_json(exp_dir / "summary.json")
-    if isinstance(summary, dict):
+    if current is None:
+        current = not summary_is_stale(exp_dir)
+    row.final, row.wall_time_s, row.error = {}, None, ""
+    if isinstance(summary, dict) and current:
         row.status = str(summary.get("status", "unknown"))
         row.final = dict(summary.get("final") or {})
         row.wall_time_s = _number(summary.get("wall_time_s"))
         row.error = "" if row.done else str(summary.get("stop_reason") or "")
-    else:  # started but no summary: killed, or it crashed before training began
-        started = (exp_dir / "metrics.jsonl").exists() or (exp_dir / "console.log").exists()
+    else:  # started but no summary of its own: killed, or it crashed before training began
+        started = any((exp_dir / f).exists() for f in ("env.json", "metrics.jsonl", "console.log"))
         row.status = "partial" if started else "pending"
+        if isinstance(summary, dict):
+            earlier = summary.get("status", "unknown")
+            row.error = f"its latest attempt ended without a summary (an earlier attempt's says `{earlier}`)"
     if metric:
         row.best, row.best_step = best_of(exp_dir / "metrics.jsonl", metric, mode)
     return row
@@ -241,4 +248,13 @@ def new_rows(experiments: list[Experiment]) -> list[Row]:
     return [Row(e.index, e.name, dict(e.overrides)) for e in experiments]
 
 
-__all__ = ["DONE", "Row", "best_of", "error_from_log", "mark_best", "new_rows", "read_row", "write_tables"]
+__all__ = [
+    "DONE",
+    "Row",
+    "best_of",
+    "error_from_log",
+    "mark_best",
+    "new_rows",
+    "read_row",
+    "write_tables",
+]

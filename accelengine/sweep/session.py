@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelengine.callbacks.progress import LOWER_IS_BETTER
 from accelengine.errors import Problem, RecipeError
 from accelengine.recipe.toml_io import apply_overrides, dump_toml, load_toml
 from accelengine.rundir import default_run_dir, write_json
@@ -78,15 +80,43 @@ class SessionResult:
         return not self.failed
 
 
-def _ranking(config: SweepConfig, first: dict[str, Any]) -> tuple[str | None, str]:
-    """The metric and mode that pick the best experiment: `[sweep]`'s, else the recipe's checkpoint monitor."""
-    if config.metric:
-        # a loss is minimised; everything else an evaluation reports (accuracy, F1...) is maximised
-        return config.metric, config.mode or ("min" if config.metric.endswith("loss") else "max")
+# Metric names whose better direction is known, matched like the run summary's lower-is-better names: the name after
+# the split (`val/`), whole or as a `_`-separated part (`top1_accuracy`, `f1_macro`). Any other name needs a mode.
+HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "precision", "recall", "auc", "auroc", "auprc", "map", "ndcg", "bleu",
+                    "rouge", "iou", "miou", "dice", "r2")  # fmt: skip
+
+
+def _named(metric: str, names: tuple[str, ...]) -> bool:
+    name = metric.rsplit("/", 1)[-1].lower()
+    return any(name == w or name.startswith(f"{w}_") or name.endswith(f"_{w}") for w in names)
+
+
+def metric_mode(metric: str) -> str | None:
+    """`min` for a known lower-is-better name (`val/loss`, `val/error`, `val/perplexity`...), `max` for a known
+    higher-is-better one (`val/accuracy`, `val/f1`...), None when the name does not say (or says both)."""
+    lower, higher = _named(metric, LOWER_IS_BETTER), _named(metric, HIGHER_IS_BETTER)
+    if lower == higher:
+        return None
+    return "min" if lower else "max"
+
+
+def _ranking(config: SweepConfig, first: dict[str, Any], source: str) -> tuple[str | None, str]:
+    """The metric and mode that pick the best experiment: `[sweep]`'s metric, else the recipe's checkpoint monitor;
+    the mode given with it, else the one its name says. A name that says nothing is an error, not a guess: ranked the
+    wrong way, the table would crown the worst experiment."""
     checkpoint = first.get("checkpoint") or {}
-    if checkpoint.get("monitor"):
-        return checkpoint["monitor"], config.mode or checkpoint.get("mode", "max")
-    return None, config.mode or "max"
+    metric = config.metric or checkpoint.get("monitor")
+    if metric is None:
+        return None, config.mode or "max"
+    # `checkpoint.mode` only when the recipe sets it (its default, `max`, says nothing about the monitor)
+    mode = config.mode or (checkpoint.get("mode") if metric == checkpoint.get("monitor") else None)
+    mode = mode or metric_mode(metric)
+    if mode is None:
+        where = "`[sweep] metric`" if config.metric else "`checkpoint.monitor`"
+        hint = 'set `mode = "min"` or `mode = "max"` in `[sweep]`, or `--set sweep.mode=min` on the command line'
+        message = f"cannot tell whether a smaller or a larger `{metric}` ({where}) is better"
+        raise RecipeError(Problem("sweep.mode", message, hint), source)
+    return metric, mode
 
 
 def load_session(path: str | Path, overrides: list[str] | None = None, recipe_dir: str | Path | None = None) -> Session:
@@ -103,7 +133,7 @@ def load_session(path: str | Path, overrides: list[str] | None = None, recipe_di
     apply_overrides(data, list(overrides or []))
     config, experiments = parse_session(data, str(path))
     resolved = validate_experiments(experiments, str(path), recipe_dir)
-    metric, mode = _ranking(config, resolved[0])
+    metric, mode = _ranking(config, experiments[0].recipe, str(path))
     name = data["name"] if isinstance(data.get("name"), str) else path.stem
     return Session(name, path, text, list(overrides or []), config, experiments, resolved, metric, mode, recipe_dir)
 
@@ -195,6 +225,16 @@ def _summary_stamp(exp_dir: Path) -> int | None:
         return None
 
 
+def _killed_by(code: int | None) -> str:
+    """`killed by SIGKILL` for a process a signal ended: its log's last line is whatever it printed last, no error."""
+    if code is None or code >= 0:
+        return ""
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
 def _import_slurm() -> Any:
     try:
         from accelengine.sweep import slurm
@@ -229,12 +269,12 @@ class _Progress:
         self.finished += 1
         row, metric = self.rows[task.index], self.session.metric
         fresh = _summary_stamp(task.dir) not in (None, self.stamps.get(task.index))
-        if fresh:
-            read_row(row, task.dir, metric, self.session.mode)
+        read_row(row, task.dir, metric, self.session.mode, current=fresh)  # an older summary is not this attempt's
         if not fresh or (code not in (0, None) and row.done):
             row.status = "interrupted" if why == STOPPED else "failed"
+            row.error = ""
         if not row.done and not row.error:
-            row.error = why or error_from_log(task.log) or f"exit code {code}"
+            row.error = why or _killed_by(code) or error_from_log(task.log) or f"exit code {code}"
         text = f"{row.status} after {time.monotonic() - self.started[task.index]:.1f}s"
         if row.error:
             text += f": {row.error[:200]}"
@@ -345,4 +385,4 @@ def plan(path: str | Path, out: str | Path | None = None, overrides: list[str] |
     return f"{title}\n\n{_text_table(head, body)}\n"
 
 
-__all__ = ["LAUNCHERS", "Session", "SessionResult", "load_session", "plan", "run_session"]
+__all__ = ["LAUNCHERS", "Session", "SessionResult", "load_session", "metric_mode", "plan", "run_session"]

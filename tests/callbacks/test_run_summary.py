@@ -49,4 +49,5 @@ def test_state_round_trip_and_quiet_mode(capsys):
 
 def test_direction_from_the_name():
     assert lower_is_better("val/loss") and lower_is_better("val/word_error") and lower_is_better("test/ppl")
+    assert lower_is_better("val/nll") and lower_is_better("val/token_nll")
     assert not lower_is_better("val/accuracy") and not lower_is_better("val/f1") and not lower_is_better("val/lossless")
