@@ -182,3 +182,24 @@ def test_a_run_directorys_recipe_runs_again_with_the_modules_beside_the_original
     res = run_cli("run", str(first / "recipe.toml"), "--out", str(second), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (second / "code" / "beside_model.py").is_file()  # the code snapshot globs the original folder too
+
+
+def test_a_recipe_saved_with_a_byte_order_mark_runs_like_any_other(tmp_path):
+    recipe = tmp_path / "windows.toml"
+    recipe.write_bytes(b"\xef\xbb\xbf" + (ROOT / "recipes/digits.toml").read_bytes())
+    res = run_cli("validate", str(recipe))
+    assert res.returncode == 0 and f"{recipe}: ok" in res.stdout, res.stderr
+
+
+def test_a_syntax_error_in_the_recipes_own_module_is_one_message_exit_2(tmp_path):
+    (tmp_path / "mymodels.py").write_text("import torch\n\n\ndef Net(:\n    return torch.nn.Linear(64, 10)\n")
+    recipe = (ROOT / "recipes/digits.toml").read_text()
+    start = recipe.index("model = ")
+    user = tmp_path / "user.toml"
+    user.write_text(recipe[:start] + 'model = "mymodels.Net"' + recipe[recipe.index("\n", start) :])
+    for args in (["validate", str(user)], ["run", str(user), "--out", str(tmp_path / "out")]):
+        res = run_cli(*args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.count("error:") == 1 and "`model._component_`" in res.stderr, res.stderr
+        assert f"SyntaxError: invalid syntax at {tmp_path / 'mymodels.py'}, line 4: `def Net(:`" in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import inspect
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,21 +97,46 @@ def ensure_import_paths(recipe_dir: Path | None = None) -> None:
             sys.path.insert(0, str(p))
 
 
+class ModuleFailedError(ImportError):
+    """The module a component's path names exists, but its code raised while it was imported (a syntax error, a
+    name error at top level, a missing dependency): a mistake in that module, not in the recipe's path."""
+
+    def __init__(self, module: str, error: Exception) -> None:
+        self.module = module
+        self.error = error
+        super().__init__(f"importing `{module}` failed: {type(error).__name__}: {_failure(error)}")
+
+
+def _failure(error: Exception) -> str:
+    """What went wrong and where: a syntax error's own file, line and text; otherwise the innermost frame of the
+    traceback outside Python's import machinery (the line of the module's code that raised)."""
+    if isinstance(error, SyntaxError):
+        where = f" at {error.filename}, line {error.lineno}" if error.filename else ""
+        text = f": `{error.text.strip()}`" if error.text and error.text.strip() else ""
+        return f"{error.msg}{where}{text}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen ")]
+    where = f"(at {frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return " ".join(part for part in (str(error), where) if part)
+
+
 def resolve(target: str) -> Any:
-    """Import the object a dotted path (or a built-in short name) names. Raises ImportError/AttributeError."""
+    """Import the object a dotted path (or a built-in short name) names. Raises ImportError/AttributeError when there
+    is no such object, and ModuleFailedError (an ImportError) when its module raises while it is imported."""
     dotted = BUILTINS.get(target, target)
     parts = dotted.split(".")
     if len(parts) < 2 or not _is_dotted(dotted):  # also `.`, `a..b`, `pkg.9x`
         raise ImportError(f"`{target}` is neither a built-in name nor a dotted path like `package.module.Name`")
     # walk back until a module imports, so `torch.nn.CrossEntropyLoss` and `pkg.mod.Class.method` both work
     for cut in range(len(parts) - 1, 0, -1):
+        tried = ".".join(parts[:cut])
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            obj = importlib.import_module(tried)
         except ModuleNotFoundError as err:
-            tried = ".".join(parts[:cut])
             if err.name and not (tried == err.name or tried.startswith(err.name + ".")):
-                raise  # a missing dependency *inside* the module: let the user see which one
+                raise ModuleFailedError(tried, err) from err  # a missing dependency *inside* the module: name it
             continue
+        except Exception as err:  # the module's own code failed; KeyboardInterrupt and SystemExit are not caught
+            raise ModuleFailedError(tried, err) from err
         for name in parts[cut:]:
             obj = getattr(obj, name)
         return obj
@@ -151,6 +177,11 @@ def check_component(
     """
     try:
         obj = resolve(spec.target)
+    except ModuleFailedError as err:
+        missing = err.error.name if isinstance(err.error, ModuleNotFoundError) else None
+        hint = f"install `{missing}`, or fix the import" if missing else "fix the module's code"
+        problems.append(Problem(f"{path}.{COMPONENT_KEY}", f"cannot import `{spec.target}`: {err}", hint))
+        return None
     except (ImportError, AttributeError) as err:
         hint = _suggest(spec.target, list(BUILTINS))
         module_name, _, attr = spec.target.rpartition(".")
@@ -196,23 +227,48 @@ def check_component(
     if params is None:
         return obj
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if not takes_var_kw:
-        for key in spec.kwargs:
-            if key not in params or params[key].kind is inspect.Parameter.POSITIONAL_ONLY:
-                hint = _suggest(key, [n for n in names if n not in runtime_args])
-                accepted = ", ".join(f"`{n}`" for n in names if n not in runtime_args) or "no arguments"
-                problems.append(
-                    Problem(
-                        f"{path}.{key}",
-                        f"unknown key `{path}.{key}` for `{spec.target}`",
-                        hint or f"it accepts {accepted}",
-                    )
+    # a recipe passes its arguments by keyword, and so does the engine all but the first `positional` of its own:
+    # a parameter before `/` in the signature can be given neither way
+    by_position_only = [n for n, p in params.items() if p.kind is p.POSITIONAL_ONLY]
+    by_keyword = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in runtime_args[positional:]:
+        if name in by_position_only:
+            problems.append(
+                Problem(
+                    f"{path}.{COMPONENT_KEY}",
+                    f"`{name}` is positional-only in `{spec.target}` (before `/`); the engine passes it by keyword",
+                    f"name a callable that accepts `{name}` by keyword",
                 )
+            )
+    for key in spec.kwargs:
+        if key in runtime_args:
+            continue  # reported above
+        if key in by_position_only:
+            problems.append(
+                Problem(
+                    f"{path}.{key}",
+                    f"`{key}` is positional-only in `{spec.target}` (before `/`); a recipe passes arguments by keyword",
+                    f"wrap `{spec.target}` in a function that takes `{key}` by keyword",
+                )
+            )
+        elif key not in params and not takes_var_kw:
+            accepted = [n for n in by_keyword if n not in runtime_args]
+            hint = _suggest(key, accepted) or "it accepts " + (", ".join(f"`{n}`" for n in accepted) or "no arguments")
+            problems.append(Problem(f"{path}.{key}", f"unknown key `{path}.{key}` for `{spec.target}`", hint))
     for name, p in params.items():
-        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        if required and name not in spec.kwargs and name not in runtime_args:
+        if p.default is not p.empty or name in spec.kwargs or name in runtime_args:
+            continue
+        if name in by_keyword:
             problems.append(Problem(f"{path}.{name}", f"missing required argument `{name}` of `{spec.target}`"))
+        elif name in by_position_only:
+            problems.append(
+                Problem(
+                    f"{path}.{COMPONENT_KEY}",
+                    f"`{spec.target}` requires the positional-only argument `{name}` (before `/`); a recipe "
+                    "passes arguments by keyword",
+                    f"wrap `{spec.target}` in a function that takes `{name}` by keyword",
+                )
+            )
     for key, value in spec.kwargs.items():
         for sub_path, sub in _nested_specs(value, f"{path}.{key}"):
             check_component(sub, sub_path, (), problems)

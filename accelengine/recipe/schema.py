@@ -130,7 +130,13 @@ class LogSection:
 class Recipe:
     """The whole recipe (top-level keys and sections)."""
 
-    name: str = field(default="run", metadata=doc("run name; the default output is `runs/<name>/<timestamp>`"))
+    name: str = field(
+        default="run",
+        metadata=doc(
+            "run name: letters, digits, `_`, `-` and `.` (a recipe file's default is its file name); the default "
+            "output is `runs/<name>/<timestamp>`"
+        ),
+    )
     seed: int = field(default=0, metadata=doc("global seed, set before anything is built"))
     engine: ComponentSpec = field(
         default_factory=lambda: ComponentSpec("engine", {}, written_as_string=True),

@@ -39,15 +39,34 @@ def parse_toml(text: str, source: str = "<recipe>") -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file; missing files and bad TOML raise RecipeError."""
+    """Read a recipe file; missing files, text that is not UTF-8 and bad TOML raise RecipeError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(Problem("", f"recipe file `{path}` does not exist"), str(path)) from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise RecipeError(Problem("", f"cannot read recipe file `{path}`: {err}"), str(path)) from None
-    return parse_toml(text, str(path))
+    return parse_toml(_decode(raw, path), str(path))
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """A recipe's bytes as text. TOML is UTF-8; the byte-order mark some Windows editors write first is not part of
+    the text (`utf-8-sig` drops it). Other bytes raise RecipeError naming the line and column of the first bad one."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = len(raw[line_start : err.start].decode("utf-8-sig", errors="replace")) + 1
+        raise RecipeError(
+            Problem(
+                "",
+                f"not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column}",
+                "TOML files are UTF-8: save it as UTF-8 in your editor",
+            ),
+            f"{path}:{line}:{column}",
+        ) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -25,7 +25,7 @@ from accelengine.recipe.components import (
     type_name,
 )
 from accelengine.recipe.schema import RUNTIME_ARGS, DataSection, LoaderSection, Recipe
-from accelengine.recipe.toml_io import apply_overrides, load_toml
+from accelengine.recipe.toml_io import apply_overrides, format_value, load_toml
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -158,8 +158,39 @@ def _sweep_keys(data: Any, path: str = "") -> list[str]:
     return found
 
 
+# The run's name is a directory (`runs/<name>/`), a tracker's project and a SLURM job name: one plain path component.
+RUN_NAME = re.compile(r"\w[\w.-]*")  # letters and digits of any script, `_`, then also `.` and `-`
+RUN_NAME_LENGTH = 100
+
+
+def _run_name_problem(name: str) -> Problem | None:
+    """Why `name` cannot name a run directory, or None. Path separators (so absolute paths and `../x`), `.`, `..` and
+    hidden directories, a leading `-` (read as an option in a shell) and characters some file systems refuse (`:`,
+    `*`, `?`, control characters...) are all kept out."""
+    rule = 'use letters, digits, `_`, `-` and `.`, starting with a letter, digit or `_`, e.g. name = "mnist-small"'
+    if len(name) > RUN_NAME_LENGTH:
+        return Problem("name", f"the run name is {len(name)} characters long", f"at most {RUN_NAME_LENGTH}")
+    if RUN_NAME.fullmatch(name):
+        return None
+    if not name:
+        return Problem("name", "the run name is empty", rule)
+    bad = [c for c in dict.fromkeys(name[1:]) if not RUN_NAME.fullmatch(f"_{c}")]
+    why = "contains " + ", ".join(format_value(c) for c in bad) if bad else f"starts with {format_value(name[0])}"
+    return Problem("name", f"{format_value(name)} cannot name the run directory `runs/<name>/`: it {why}", rule)
+
+
+def name_from_file(path: str | Path) -> str:
+    """The default run name: the recipe file's stem, with what cannot be in a run name replaced by `-` (a name the
+    recipe does not give is not the recipe's mistake)."""
+    name = re.sub(r"[^\w.-]+", "-", Path(path).stem).strip(".-")[:RUN_NAME_LENGTH]
+    return name or "run"
+
+
 def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
     t, ck = recipe.trainer, recipe.checkpoint
+    name_problem = _run_name_problem(recipe.name)
+    if name_problem:
+        problems.append(name_problem)
     training = "train" in recipe.data.loaders
     if training and (t.epochs is None) == (t.steps is None):
         problems.append(
@@ -283,10 +314,10 @@ def _said_once(problems: list[Problem], reported: int) -> list[Problem]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file. The default `name` is the file's stem."""
+    """Read, override and validate a recipe file. The default `name` is the file's (`name_from_file`)."""
     path = Path(path)
     data = load_toml(path)
-    data.setdefault("name", path.stem)
+    data.setdefault("name", name_from_file(path))
     apply_overrides(data, overrides or [])
     return validate(data, str(path), recipe_folder(path))
 

@@ -25,6 +25,7 @@ from typing import Any
 from accelengine.callbacks.progress import LOWER_IS_BETTER
 from accelengine.errors import Problem, RecipeError
 from accelengine.recipe.toml_io import apply_overrides, dump_toml, load_toml
+from accelengine.recipe.validate import name_from_file
 from accelengine.rundir import default_run_dir, write_json
 from accelengine.sweep.expand import Experiment, SweepConfig, parse_session, show, validate_experiments
 from accelengine.sweep.launch import STOPPED, Task, experiment_command, experiment_env, run_local
@@ -129,12 +130,12 @@ def load_session(path: str | Path, overrides: list[str] | None = None, recipe_di
     data = load_toml(path)
     text = path.read_text(encoding="utf-8")
     if "name" not in data and "name_" not in data:  # `name_ = [...]` sweeps the runs' names
-        data["name"] = path.stem
+        data["name"] = name_from_file(path)
     apply_overrides(data, list(overrides or []))
     config, experiments = parse_session(data, str(path))
     resolved = validate_experiments(experiments, str(path), recipe_dir)
     metric, mode = _ranking(config, experiments[0].recipe, str(path))
-    name = data["name"] if isinstance(data.get("name"), str) else path.stem
+    name = data["name"] if isinstance(data.get("name"), str) else name_from_file(path)
     return Session(name, path, text, list(overrides or []), config, experiments, resolved, metric, mode, recipe_dir)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accelengine.errors import RecipeError
-from accelengine.recipe import apply_overrides, dump_toml, parse_toml
+from accelengine.recipe import apply_overrides, dump_toml, load_toml, parse_toml
 
 
 def test_overrides_parse_toml_values_and_create_tables():
@@ -48,3 +48,18 @@ def test_special_floats_and_none():
     back = parse_toml(text)
     assert math.isinf(back["a"]) and "b" not in back and back["c"] == {"e": 1}
     assert "# b = (unset)" in text
+
+
+def test_a_byte_order_mark_before_the_recipe_is_not_part_of_it(tmp_path):
+    path = tmp_path / "windows.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + 'name = "caf\u00e9"\n[trainer]\nepochs = 2\n'.encode())
+    assert load_toml(path) == {"name": "caf\u00e9", "trainer": {"epochs": 2}}
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('seed = 1\nname = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(RecipeError) as info:
+        load_toml(path)
+    assert info.value.source == f"{path}:2:12"
+    assert "not UTF-8 text: byte 0xe9 at line 2, column 12" in str(info.value) and "save it as UTF-8" in str(info.value)

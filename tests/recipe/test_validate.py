@@ -277,3 +277,119 @@ def test_recipe_folder_falls_back_to_the_recipes_own_when_the_record_is_damaged_
     ]:
         (run / "env.json").write_text(env)
         assert recipe_folder(run / "recipe.toml") == expected, env
+
+
+@pytest.mark.parametrize(
+    "code, line, error",
+    [
+        ("import torch\n\n\ndef Net(:\n    pass\n", 4, "SyntaxError: invalid syntax at "),
+        ("def Net():\n    x = 1\n        y = 2\n", 3, "IndentationError: unexpected indent at "),
+        ("import torch\n\nundefined_name\n", 3, "NameError: name 'undefined_name' is not defined (at "),
+        ("import os\n\nos.no_such_attribute\n", 3, "AttributeError: module 'os' has no attribute 'no_such_attribute'"),
+        ("raise RuntimeError('needs a GPU')\n", 1, "RuntimeError: needs a GPU (at "),
+    ],
+    ids=["syntax", "indentation", "name", "attribute", "runtime"],
+)
+def test_a_module_that_fails_to_import_is_one_problem_naming_key_file_and_line(
+    tmp_path, monkeypatch, code, line, error
+):
+    module = f"broken_{tmp_path.name.replace('-', '_')}"  # a fresh name each case: nothing cached from another
+    (tmp_path / f"{module}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    msg = one(BASE.replace('{ _component_ = "mlp", in_features = 8, out_features = 3 }', f'"{module}.Net"'))
+    assert msg.startswith("model._component_|") and f"importing `{module}` failed: {error}" in msg, msg
+    assert f"{tmp_path / module}.py, line {line}" in msg and "fix the module's code" in msg, msg
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_or_exit_while_importing_a_module_is_not_turned_into_a_problem(tmp_path, monkeypatch, raised):
+    module = f"exits_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(f"raise {raised.__name__}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(raised):
+        validate(parse_toml(BASE.replace('loss = "cross_entropy"', f'loss = "{module}.f"')))
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("", "the run name is empty"),
+        ("/tmp/abs", 'contains "/"'),
+        ("C:\\\\runs", 'contains ":", "\\\\"'),
+        ("a/b", 'contains "/"'),
+        ("../up", 'contains "/"'),
+        ("..", 'starts with "."'),
+        (".hidden", 'starts with "."'),
+        ("-rf", 'starts with "-"'),
+        ("a b", 'contains " "'),
+        ("x:y*?", 'contains ":", "*", "?"'),
+        ("tab\\tname", 'contains "\\t"'),
+        ("n" * 101, "101 characters long"),
+    ],
+    ids=[
+        "empty",
+        "absolute",
+        "windows",
+        "separator",
+        "up",
+        "dotdot",
+        "hidden",
+        "dash",
+        "space",
+        "reserved",
+        "tab",
+        "long",
+    ],
+)
+def test_the_run_name_must_be_one_plain_directory_name(name, why):
+    msg = one(f'name = "{name}"\n' + BASE)
+    assert msg.startswith("name|") and why in msg, msg
+    assert "at most 100" in msg if len(name) > 100 else "use letters, digits, `_`, `-` and `.`" in msg
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_sweep", "r64-1", "v1.2", "_private", "caf\u00e9-2", "a..b"])
+def test_plain_run_names_are_accepted(name):
+    assert validate(parse_toml(f'name = "{name}"\n' + BASE)).name == name
+
+
+@pytest.mark.parametrize(
+    ("file", "name"), [("my recipe (v2).toml", "my-recipe-v2"), ("-x.toml", "x"), ("...toml", "run"), ("ok.toml", "ok")]
+)
+def test_a_file_name_that_cannot_be_a_run_name_gives_a_default_that_can(tmp_path, file, name):
+    # the recipe gives no `name`: its file's name becomes one, not a problem at a key the recipe never wrote
+    from accelengine.recipe.validate import load_recipe
+
+    (tmp_path / file).write_text(BASE)
+    assert load_recipe(tmp_path / file).name == name
+
+
+POSITIONAL_ONLY = (
+    "import torch\n\n\n"
+    "def net(in_features, /, out_features=3):\n    return torch.nn.Linear(in_features, out_features)\n\n\n"
+    "def net_options(in_features, /, **options):\n    return torch.nn.Linear(in_features, 3, **options)\n\n\n"
+    "def net_fixed(in_features=8, /, out_features=3):\n    return torch.nn.Linear(in_features, out_features)\n\n\n"
+    "def my_opt(parameters, /, lr=1e-3):\n    return torch.optim.SGD(parameters, lr=lr)\n\n\n"
+    "def my_sched(opt, total_steps, /):\n    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)\n"
+)
+
+
+def test_positional_only_parameters_are_reported_at_validation(tmp_path, monkeypatch):
+    (tmp_path / "positional.py").write_text(POSITIONAL_ONLY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = '{ _component_ = "mlp", in_features = 8, out_features = 3 }'
+
+    # a recipe key for a positional-only parameter: not "unknown", and not swallowed by `**options`
+    for target in ("positional.net", "positional.net_options"):
+        msg = one(BASE.replace(model, f'{{ _component_ = "{target}", in_features = 8 }}'))
+        assert msg.startswith("model.in_features|") and f"positional-only in `{target}`" in msg, msg
+        assert "unknown key" not in msg and "did you mean" not in msg, msg
+    # a required positional-only parameter nothing gives
+    msg = one(BASE.replace(model, '"positional.net"'))
+    assert msg.startswith("model._component_|") and "requires the positional-only argument `in_features`" in msg
+    # the engine passes the scheduler's `total_steps` by keyword
+    msg = one('scheduler = "positional.my_sched"\n' + BASE)
+    assert msg.startswith("scheduler._component_|") and "`total_steps` is positional-only" in msg, msg
+    # what works: a default before `/`, and the optimizer's parameters passed by position
+    text = BASE.replace(model, '{ _component_ = "positional.net_fixed", out_features = 3 }')
+    recipe = validate(parse_toml(text.replace('{ _component_ = "adamw", lr = 1e-3 }', '"positional.my_opt"')))
+    assert recipe.model.target == "positional.net_fixed" and recipe.optim.target == "positional.my_opt"
