@@ -327,7 +327,7 @@ def evaluations(out_dir) -> dict[int, float]:
     return {r["step"]: r["val/loss"] for r in logged(out_dir) if "val/loss" in r}
 
 
-@pytest.mark.parametrize("mode", ["max", "min"])
+@pytest.mark.parametrize("mode", ["max", "min", None])  # None: `val/loss` says min (an unset mode once meant max)
 def test_keep_best_ranks_only_checkpoints_whose_own_weights_were_evaluated(tmp_path, mode):
     # saves every 2 steps, evaluations every 4: the saves at steps 2 and 6 hold no evaluation of their own
     checkpoint = CheckpointConfig(every_steps=2, keep_last=1, keep_best=1, monitor="val/loss", mode=mode, at_end=False)
@@ -427,6 +427,6 @@ def test_a_checkpoint_without_a_model_is_refused_by_name(tmp_path):
 
 
 def test_a_checkpoint_monitor_the_evaluation_does_not_produce_is_named(tmp_path):
-    checkpoint = CheckpointConfig(every_steps=2, monitor="val/acuracy")
+    checkpoint = CheckpointConfig(every_steps=2, monitor="val/acuracy", mode="max")
     with pytest.raises(EngineError, match=r"`checkpoint.monitor` is `val/acuracy`.*`val/loss`, `val/accuracy`"):
         build(tmp_path, steps=4, checkpoint=checkpoint).fit()

@@ -680,5 +680,5 @@ def test_the_checkpoint_monitor_ranks_by_its_own_mode_or_its_name(tmp_path):
     given = write(tmp_path, no_sweep_metric + '\n[checkpoint]\nmonitor = "val/error"\nmode = "max"\n', "g.toml")
     assert load_session(given).mode == "max"
     unknown = write(tmp_path, no_sweep_metric + '\n[checkpoint]\nmonitor = "val/score"\n', "score.toml")
-    with pytest.raises(RecipeError, match=r"`sweep.mode`: .*`val/score` \(`checkpoint.monitor`\)"):
-        load_session(unknown)
+    with pytest.raises(RecipeError, match=r"`checkpoint.mode`: .*`val/score` \(`checkpoint.monitor`\)"):
+        load_session(unknown)  # the recipe's own problem: its checkpoints could not be ranked either

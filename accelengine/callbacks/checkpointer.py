@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from accelengine.callbacks.base import Callback
+from accelengine.callbacks.progress import monitor_mode
 from accelengine.checkpoint import CheckpointError, CheckpointManager
 from accelengine.errors import EngineError
 from accelengine.recipe.schema import CheckpointSection
@@ -25,6 +26,8 @@ class Checkpointer(Callback):
     def __init__(self, config: CheckpointSection | None = None) -> None:
         super().__init__()
         self.config = config or CheckpointSection()
+        monitor = self.config.monitor
+        self.mode = monitor_mode(monitor, self.config.mode, "`checkpoint.mode`") if monitor else "max"
         self.best: float | None = None
         self._best_pending = False
         self._saved_at: tuple[int, int, int, int] | None = None
@@ -47,7 +50,7 @@ class Checkpointer(Callback):
             keep_last=cfg.keep_last,
             keep_best=cfg.keep_best if cfg.monitor else 0,
             monitor=cfg.monitor,
-            mode=cfg.mode,
+            mode=self.mode,
             rank=acc.process_index,
             world_size=acc.num_processes,
             barrier=acc.wait_for_everyone,
@@ -66,7 +69,7 @@ class Checkpointer(Callback):
         value = results.get(monitor)
         if value is None or math.isnan(value):
             return
-        better = self.best is None or (value > self.best if self.config.mode == "max" else value < self.best)
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better:
             self.best = value
             self._best_pending = True

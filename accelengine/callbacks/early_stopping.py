@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any, Literal
 
 from accelengine.callbacks.base import Callback
+from accelengine.callbacks.progress import monitor_mode
 from accelengine.errors import EngineError
 
 if TYPE_CHECKING:
@@ -14,15 +15,15 @@ if TYPE_CHECKING:
 
 class EarlyStopping(Callback):
     """Stops training after `patience` evaluations in a row without an improvement of more than `min_delta` in
-    `monitor` (e.g. `val/loss` with `mode="min"`, `val/accuracy` with `mode="max"`). A non-finite value never counts
-    as an improvement. Its best value, step and wait count are checkpointed (key `early_stopping`)."""
+    `monitor`. `mode` says whether smaller (`min`) or larger (`max`) is better; unset, the monitor's name says
+    (`val/loss`, `val/error`... min; `val/accuracy`, `val/f1`... max) and any other name needs it. A non-finite value
+    never counts as an improvement. Its best value, step and wait count are checkpointed (key `early_stopping`)."""
 
     def __init__(
-        self, monitor: str, mode: Literal["min", "max"] = "min", patience: int = 3, min_delta: float = 0.0
+        self, monitor: str, mode: Literal["min", "max"] | None = None, patience: int = 3, min_delta: float = 0.0
     ) -> None:
         super().__init__()
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping: mode must be `min` or `max`, got {mode!r}")
+        mode = monitor_mode(monitor, mode, "EarlyStopping")
         if patience < 1:
             raise ValueError(f"EarlyStopping: patience must be at least 1, got {patience}")
         if min_delta < 0:

@@ -9,20 +9,54 @@ import logging
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from accelengine.callbacks.base import Callback
 
 if TYPE_CHECKING:
     from accelengine.engine import Engine
 
-# Names that are better when smaller: the summary and progress pick the direction of a metric from its name.
+# Metric names whose better direction is known. A name matches after its split (`val/`), whole or as a
+# `_`-separated part (`word_error`, `top1_accuracy`, `f1_macro`).
 LOWER_IS_BETTER = ("loss", "error", "err", "nll", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer")
+HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "precision", "recall", "auc", "auroc", "auprc", "map", "ndcg", "bleu",
+                    "rouge", "iou", "miou", "dice", "r2")  # fmt: skip
+
+
+def _named(metric: str, names: tuple[str, ...]) -> bool:
+    name = metric.rsplit("/", 1)[-1].lower()
+    return any(name == w or name.startswith(f"{w}_") or name.endswith(f"_{w}") for w in names)
 
 
 def lower_is_better(metric: str) -> bool:
-    name = metric.rsplit("/", 1)[-1].lower()
-    return any(name == w or name.startswith(f"{w}_") or name.endswith(f"_{w}") for w in LOWER_IS_BETTER)
+    """Whether the name says smaller is better (what the progress line and the run summary display by)."""
+    return _named(metric, LOWER_IS_BETTER)
+
+
+def metric_mode(metric: str) -> Literal["min", "max"] | None:
+    """`min` for a known lower-is-better name (`val/loss`, `val/error`, `val/perplexity`...), `max` for a known
+    higher-is-better one (`val/accuracy`, `val/f1`...), None when the name does not say (or says both). What ranks
+    checkpoints, stops early or picks a sweep's best asks for an explicit mode when this is None: ranked the wrong
+    way, it would keep the worst."""
+    lower, higher = _named(metric, LOWER_IS_BETTER), _named(metric, HIGHER_IS_BETTER)
+    if lower == higher:
+        return None
+    return "min" if lower else "max"
+
+
+def monitor_mode(monitor: str, mode: str | None, owner: str) -> Literal["min", "max"]:
+    """`mode` when given, else the one `monitor`'s name says; ValueError when neither says (`owner` is what asks)."""
+    if mode in ("min", "max"):
+        return mode  # type: ignore[return-value]
+    if mode is not None:
+        raise ValueError(f"{owner}: mode must be `min` or `max`, got {mode!r}")
+    known = metric_mode(monitor)
+    if known is None:
+        raise ValueError(
+            f"{owner}: cannot tell whether a smaller or a larger `{monitor}` is better; give its mode: "
+            '`mode = "min"` or `mode = "max"`'
+        )
+    return known
 
 
 def headline_metric(results: dict[str, float]) -> str | None:

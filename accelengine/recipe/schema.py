@@ -75,7 +75,13 @@ class CheckpointSection:
     keep_last: int | None = field(default=3, metadata=doc("keep the N newest checkpoints; unset keeps all"))
     keep_best: int = field(default=1, metadata=doc("keep the K best by `monitor`"))
     monitor: str | None = field(default=None, metadata=doc("metric to rank checkpoints, e.g. `val/accuracy`"))
-    mode: Literal["min", "max"] = field(default="max", metadata=doc("whether a larger or smaller `monitor` is better"))
+    mode: Literal["min", "max"] | None = field(
+        default=None,
+        metadata=doc(
+            "whether a smaller (`min`) or larger (`max`) `monitor` is better; unset: what its name says (`loss`, "
+            "`error`... min; `accuracy`, `f1`... max), required for other names"
+        ),
+    )
     init_from: str | None = field(
         default=None, metadata=doc("initialise model weights from a checkpoint dir or `.safetensors` file (fine-tune)")
     )

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from accelengine.callbacks.progress import metric_mode
 from accelengine.errors import Problem, RecipeError
 from accelengine.recipe.components import (
     COMPONENT_KEY,
@@ -188,6 +189,14 @@ def name_from_file(path: str | Path) -> str:
 
 def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
     t, ck = recipe.trainer, recipe.checkpoint
+    if ck.monitor and ck.mode is None and metric_mode(ck.monitor) is None:
+        problems.append(
+            Problem(
+                "checkpoint.mode",
+                f"cannot tell whether a smaller or a larger `{ck.monitor}` (`checkpoint.monitor`) is better",
+                'set `mode = "min"` or `mode = "max"` in `[checkpoint]`',
+            )
+        )
     name_problem = _run_name_problem(recipe.name)
     if name_problem:
         problems.append(name_problem)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelengine.callbacks.progress import LOWER_IS_BETTER
+from accelengine.callbacks.progress import metric_mode
 from accelengine.errors import Problem, RecipeError
 from accelengine.recipe.toml_io import apply_overrides, dump_toml, load_toml
 from accelengine.recipe.validate import name_from_file
@@ -81,26 +81,6 @@ class SessionResult:
         return not self.failed
 
 
-# Metric names whose better direction is known, matched like the run summary's lower-is-better names: the name after
-# the split (`val/`), whole or as a `_`-separated part (`top1_accuracy`, `f1_macro`). Any other name needs a mode.
-HIGHER_IS_BETTER = ("accuracy", "acc", "f1", "precision", "recall", "auc", "auroc", "auprc", "map", "ndcg", "bleu",
-                    "rouge", "iou", "miou", "dice", "r2")  # fmt: skip
-
-
-def _named(metric: str, names: tuple[str, ...]) -> bool:
-    name = metric.rsplit("/", 1)[-1].lower()
-    return any(name == w or name.startswith(f"{w}_") or name.endswith(f"_{w}") for w in names)
-
-
-def metric_mode(metric: str) -> str | None:
-    """`min` for a known lower-is-better name (`val/loss`, `val/error`, `val/perplexity`...), `max` for a known
-    higher-is-better one (`val/accuracy`, `val/f1`...), None when the name does not say (or says both)."""
-    lower, higher = _named(metric, LOWER_IS_BETTER), _named(metric, HIGHER_IS_BETTER)
-    if lower == higher:
-        return None
-    return "min" if lower else "max"
-
-
 def _ranking(config: SweepConfig, first: dict[str, Any], source: str) -> tuple[str | None, str]:
     """The metric and mode that pick the best experiment: `[sweep]`'s metric, else the recipe's checkpoint monitor;
     the mode given with it, else the one its name says. A name that says nothing is an error, not a guess: ranked the
@@ -109,7 +89,7 @@ def _ranking(config: SweepConfig, first: dict[str, Any], source: str) -> tuple[s
     metric = config.metric or checkpoint.get("monitor")
     if metric is None:
         return None, config.mode or "max"
-    # `checkpoint.mode` only when the recipe sets it (its default, `max`, says nothing about the monitor)
+    # `checkpoint.mode` when the recipe sets it: unset, validation has checked that the name says
     mode = config.mode or (checkpoint.get("mode") if metric == checkpoint.get("monitor") else None)
     mode = mode or metric_mode(metric)
     if mode is None:
@@ -386,4 +366,4 @@ def plan(path: str | Path, out: str | Path | None = None, overrides: list[str] |
     return f"{title}\n\n{_text_table(head, body)}\n"
 
 
-__all__ = ["LAUNCHERS", "Session", "SessionResult", "load_session", "metric_mode", "plan", "run_session"]
+__all__ = ["LAUNCHERS", "Session", "SessionResult", "load_session", "plan", "run_session"]

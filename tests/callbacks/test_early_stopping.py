@@ -56,3 +56,16 @@ def test_bad_arguments():
         EarlyStopping("val/loss", mode="lower")
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping("val/loss", patience=0)
+
+
+@pytest.mark.parametrize(("monitor", "mode"), [("val/loss", "min"), ("val/word_error", "min"), ("val/accuracy", "max")])
+def test_the_mode_follows_the_monitors_name_when_unset(monitor, mode):
+    assert EarlyStopping(monitor=monitor).mode == mode
+    assert EarlyStopping(monitor=monitor, mode="max" if mode == "min" else "min").mode != mode  # given: it wins
+
+
+@pytest.mark.parametrize("monitor", ["val/score", "val/accuracy_error"])
+def test_a_monitor_whose_name_says_no_direction_needs_the_mode(monitor):
+    with pytest.raises(ValueError, match=rf"cannot tell whether a smaller or a larger `{monitor}` is better"):
+        EarlyStopping(monitor=monitor)
+    assert EarlyStopping(monitor=monitor, mode="max").mode == "max"

@@ -393,3 +393,13 @@ def test_positional_only_parameters_are_reported_at_validation(tmp_path, monkeyp
     text = BASE.replace(model, '{ _component_ = "positional.net_fixed", out_features = 3 }')
     recipe = validate(parse_toml(text.replace('{ _component_ = "adamw", lr = 1e-3 }', '"positional.my_opt"')))
     assert recipe.model.target == "positional.net_fixed" and recipe.optim.target == "positional.my_opt"
+
+
+def test_a_checkpoint_monitor_whose_name_says_no_direction_needs_its_mode():
+    text = BASE + '\n[checkpoint]\nmonitor = "val/score"\n'
+    with pytest.raises(RecipeError) as info:
+        validate(parse_toml(text))
+    [problem] = [p for p in info.value.problems if p.path == "checkpoint.mode"]
+    assert "`val/score`" in problem.message and 'mode = "min"' in problem.hint
+    assert validate(parse_toml(text + 'mode = "max"\n')).checkpoint.mode == "max"
+    assert validate(parse_toml(BASE + '\n[checkpoint]\nmonitor = "val/loss"\n')).checkpoint.mode is None  # says min
