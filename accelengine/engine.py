@@ -87,6 +87,9 @@ class Engine:
 
     Subclass and override `compute_loss(batch)` (a tensor, a list or a dict of tensors: each term is logged, their
     sum is optimized) and `predict(batch)` for anything beyond `loss(model(x), y)`.
+
+    Evaluation reports every metric and, when there is a `loss`, its mean as `<split>/loss`; a metric named `loss`
+    takes that name's place (to evaluate with another loss than the one trained).
     """
 
     def __init__(

@@ -393,3 +393,26 @@ def test_a_hook_replaced_on_the_instance_is_the_one_called(make_engine):
     cb.after_fit_step = lambda engine: (calls.append("instance"), original(engine))
     make_engine(callbacks=[cb], config=TrainerConfig(steps=2, device="cpu")).fit()
     assert calls == ["instance", "class"] * 2
+
+
+def test_a_metric_named_loss_takes_the_evaluated_losss_place():
+    # trained with cross-entropy, evaluated with a label-smoothed one: `val/loss` is the metric's, reported once
+    from accelengine import MLP
+    from accelengine.examples.synthetic import classification
+    from accelengine.metrics import Accuracy, MeanLoss
+
+    def evaluate(metrics):
+        torch.manual_seed(0)
+        engine = Engine(
+            model=MLP(8, 3, hidden=[16]),
+            data={"val": classification(samples=32, features=8, classes=3, seed=1)},
+            loss=torch.nn.CrossEntropyLoss(),
+            metrics=metrics,
+            config=TrainerConfig(device="cpu"),
+        )
+        return engine.evaluate()
+
+    plain = evaluate({"accuracy": Accuracy()})
+    smoothed = evaluate({"loss": MeanLoss(torch.nn.CrossEntropyLoss(label_smoothing=0.5)), "accuracy": Accuracy()})
+    assert set(plain) == set(smoothed) == {"val/loss", "val/accuracy"}
+    assert smoothed["val/accuracy"] == plain["val/accuracy"] and smoothed["val/loss"] != plain["val/loss"]

@@ -155,7 +155,11 @@ class Recipe:
         default=None, metadata=doc("LR scheduler; the engine passes the optimizer (and `total_steps` when accepted)")
     )
     metrics: dict[str, ComponentSpec] = field(
-        default_factory=dict, metadata=doc('evaluation metrics by name, e.g. `accuracy = "accuracy"`')
+        default_factory=dict,
+        metadata=doc(
+            'evaluation metrics by name, e.g. `accuracy = "accuracy"`; the loss is evaluated as `loss` unless a '
+            "metric takes that name"
+        ),
     )
     callbacks: list[ComponentSpec] = field(default_factory=list, metadata=doc("`[[callbacks]]` tables"))
     data: DataSection = field(default_factory=DataSection)
