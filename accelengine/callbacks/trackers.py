@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,24 @@ _RUN_IDS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], dict[str, Any]]]
 }
 
 
+def _after_earlier_event_files(event_dir: Path, longest_wait_s: float = 2.0) -> None:
+    """Wait, if need be, until a new TensorBoard event file's name sorts after those already in `event_dir`.
+
+    TensorBoard reads a directory's event files in name order, and a name is `events.out.tfevents.<seconds>.<host>.
+    <pid>.<n>`: a second file of the same process in the same second can sort first (`.10` before `.9`), and its
+    events then read as older than the earlier attempt's, whose purge would drop them. Only a run resumed in the
+    process that wrote the directory, within the same second, waits (under a second)."""
+    seconds = []
+    for path in event_dir.glob("events.out.tfevents.*"):
+        field = path.name.split(".")[3]
+        if field.isdigit():
+            seconds.append(int(field))
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if 0 < wait <= longest_wait_s:  # a later stamp than that is another machine's clock: waiting would not help
+            time.sleep(wait)
+
+
 def _flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
     """A nested recipe as the flat `{"optim.lr": 0.001}` mapping trackers accept as hyperparameters."""
     out: dict[str, Any] = {}
@@ -160,6 +179,8 @@ class Trackers(Callback):
         name = (engine.recipe or {}).get("name")
         self.run_project = self._restored.get("project") or self.project or name or "accelengine"
         config = _flat_config(engine.recipe) if engine.recipe else {"seed": engine.seed}
+        if "tensorboard" in [str(getattr(t, "value", t)) for t in acc.log_with]:
+            _after_earlier_event_files(Path(acc.project_configuration.logging_dir or ".") / self.run_project)
         acc.init_trackers(self.run_project, config=config, init_kwargs=init_kwargs)
         for tracker in acc.trackers:
             getter = _RUN_IDS.get(tracker.name)

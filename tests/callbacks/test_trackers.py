@@ -75,7 +75,20 @@ class Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
+def _next_event_file_numbers_cross_a_power_of_ten() -> None:
+    """Event files are numbered by a process-wide counter: the crashed run's file gets N-2 where N is a power of ten,
+    the resumed run's N or more (`.98` then `.100`: by name, the later file sorts first)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    counter = event_file_writer._global_uid  # the counter `events.out.tfevents.<s>.<host>.<pid>.<n>` takes n from
+    n = counter.get()
+    target = 10 ** len(str(n + 2)) - 2
+    while n < target - 1:
+        n = counter.get()
+
+
 def test_a_resumed_run_continues_the_same_curves(tmp_path):
+    _next_event_file_numbers_cross_a_power_of_ten()  # in one second, one process: the case names would misorder
     checkpoints = CheckpointConfig(every_steps=4, at_end=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
         tiny_engine(callbacks=[Crash()], out_dir=tmp_path, steps=8, eval_every=4, checkpoint=checkpoints).fit()
@@ -134,3 +147,18 @@ def _installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_a_new_event_file_waits_for_a_name_that_sorts_after_the_earlier_ones(tmp_path):
+    import time
+
+    from accelengine.callbacks.trackers import _after_earlier_event_files
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.1.9").touch()
+    _after_earlier_event_files(tmp_path)
+    assert int(time.time()) > now  # a name stamped now sorts after `.9` whatever its counter
+    (tmp_path / f"events.out.tfevents.{now + 3600}.host.1.9").touch()  # another machine's clock, an hour ahead
+    start = time.monotonic()
+    _after_earlier_event_files(tmp_path)
+    assert time.monotonic() - start < 0.5  # waiting would not help: it does not
