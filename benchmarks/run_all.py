@@ -55,7 +55,7 @@ JOBS: dict[str, Job] = {
     # the data figure moves by up to about 3 % with where its tables lie; each process draws its own layout
     "data": Job("data_throughput.py", ["--rounds", "64", "--processes", "8"], ["--samples", "2000", "--rounds", "1"]),
     "startup": Job("startup.py", ["--rounds", "7", "--cli-rounds", "3"], ["--rounds", "1", "--cli-rounds", "1"]),
-    "checkpoint": Job("checkpoint_figures.py", ["--runs", "11"], ["--params", "200000", "--runs", "1"]),
+    "checkpoint": Job("checkpoint_figures.py", ["--runs", "21"], ["--params", "200000", "--runs", "1"]),
     "resume_skip": Job("resume_skip.py", ["--rounds", "7"], ["--batches", "1000", "--rounds", "1"]),
     "gpu_lm": Job(
         "gpu_lm.py",
