@@ -12,10 +12,12 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from accelengine.data import (
     EpochShuffle,
     HFTable,
+    IndexBatches,
     TensorTable,
     from_files,
     index_tensor,
     make_loader,
+    set_epoch,
     split_batch,
 )
 from accelengine.errors import EngineError
@@ -174,7 +176,7 @@ def test_shuffled_batches_equal_per_sample_reads(table, source):
     loader = make_loader(ds, batch_size=8, shuffle=True, seed=3)
     orders = []
     for epoch in (0, 1):
-        loader.sampler.set_epoch(epoch)
+        set_epoch(loader, epoch)
         # the order is a function of (seed, epoch) alone: checkpoints and resumes rely on this exact permutation
         order = torch.randperm(50, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch)).tolist()
         batches = list(loader)
@@ -183,6 +185,21 @@ def test_shuffled_batches_equal_per_sample_reads(table, source):
             _assert_batches_equal(batch, default_collate([rows[i] for i in order[start : start + 8]]))
         orders.append(order)
     assert orders[0] != orders[1]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(("size", "batch"), [(50, 8), (48, 8), (5, 8), (0, 4), (7, 1)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_index_batches_are_torchs_batches(shuffle, size, batch, drop_last):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    sampler = EpochShuffle(size, seed=4) if shuffle else SequentialSampler(range(size))
+    if shuffle:
+        sampler.set_epoch(3)
+    ours = IndexBatches(sampler, batch_size=batch, drop_last=drop_last)
+    torchs = BatchSampler(sampler, batch_size=batch, drop_last=drop_last)
+    assert list(ours) == list(torchs) and len(ours) == len(torchs)
+    assert all(type(indices) is list for indices in ours)  # Accelerate's sharding edits them as lists
 
 
 def test_epoch_shuffle_order():
