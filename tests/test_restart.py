@@ -430,3 +430,11 @@ def test_a_checkpoint_monitor_the_evaluation_does_not_produce_is_named(tmp_path)
     checkpoint = CheckpointConfig(every_steps=2, monitor="val/acuracy", mode="max")
     with pytest.raises(EngineError, match=r"`checkpoint.monitor` is `val/acuracy`.*`val/loss`, `val/accuracy`"):
         build(tmp_path, steps=4, checkpoint=checkpoint).fit()
+
+
+def test_a_checkpoint_monitor_whose_name_says_no_direction_needs_a_mode_in_python_too(tmp_path):
+    with pytest.raises(ValueError, match=r"`checkpoint.mode`: cannot tell whether a smaller or a larger `val/score`"):
+        build(tmp_path, steps=2, checkpoint=CheckpointConfig(monitor="val/score"))
+    engine = build(tmp_path, steps=2, checkpoint=CheckpointConfig(monitor="val/loss"))
+    (checkpointer,) = [cb for cb in engine.callbacks if type(cb).__name__ == "Checkpointer"]
+    assert checkpointer.mode == "min"
