@@ -194,9 +194,10 @@ class EpochShuffle(Sampler[int]):
 
 class IndexBatches(BatchSampler):
     """torch's `BatchSampler` over an `EpochShuffle` or a `SequentialSampler`, the same batches, made by slicing the
-    epoch's whole order rather than by appending indices one at a time: about 0.3 us a batch of 64 instead of 2.4
-    (a tenth of what the loader costs per batch on a small model). Being a `BatchSampler` with a `sampler`,
-    Accelerate shards it, skips its first batches on a resume and sets its epoch as it does torch's."""
+    epoch's whole order rather than by appending indices one at a time: measured with the permutation drawn, 1.3 us
+    a batch of 64 instead of 1.6-2.4 (the loader of a 64-feature table: 3.11M to 3.25M samples/s; a resume skipping
+    100,000 batches: 40 to 14 ms). Being a `BatchSampler` with a `sampler`, Accelerate shards it, skips its first
+    batches on a resume and sets its epoch as it does torch's."""
 
     def __iter__(self):
         sampler = self.sampler
