@@ -8,7 +8,6 @@ session; each run is then one line per plot, labelled by its path relative to PA
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from accelengine.errors import EngineError
-from accelengine.rundir import summary_is_stale
+from accelengine.rundir import read_json, summary_is_stale
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_DIR = "plots"
@@ -129,11 +128,9 @@ def plot(series: Series, out_dir: Path) -> list[Path]:
 
 def run_summary(run_dir: Path, series: dict[str, list[tuple[int, float]]]) -> str:
     """One line per run: status, steps, last training loss, best and final evaluation values."""
-    summary: dict[str, Any] = {}
     stale = summary_is_stale(run_dir)  # an earlier attempt's: the latest one is still going, or was killed
-    if not stale:
-        with contextlib.suppress(OSError, json.JSONDecodeError):  # a run still going (or killed) has no summary
-            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    found = None if stale else read_json(run_dir / "summary.json")  # a run still going (or killed) has none
+    summary: dict[str, Any] = found if isinstance(found, dict) else {}
     steps = max((p[-1][0] for p in series.values() if p), default=0)
     no_summary = "no summary.json of its latest attempt" if stale else "no summary.json"
     parts = [f"{summary.get('status', no_summary)}", f"{summary.get('steps', steps)} steps"]

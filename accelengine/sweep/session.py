@@ -26,10 +26,10 @@ from accelengine.callbacks.progress import metric_mode
 from accelengine.errors import Problem, RecipeError
 from accelengine.recipe.toml_io import apply_overrides, dump_toml, load_toml
 from accelengine.recipe.validate import name_from_file
-from accelengine.rundir import default_run_dir, write_json
+from accelengine.rundir import default_run_dir, read_json, write_json
 from accelengine.sweep.expand import Experiment, SweepConfig, parse_session, show, validate_experiments
 from accelengine.sweep.launch import STOPPED, Task, experiment_command, experiment_env, run_local
-from accelengine.sweep.results import Row, error_from_log, n_experiments, new_rows, read_json, read_row, write_tables
+from accelengine.sweep.results import Row, error_from_log, n_experiments, new_rows, read_row, write_tables
 
 SESSION_FILE = "session.toml"
 MANIFEST = "sweep.json"
