@@ -99,7 +99,8 @@ def ensure_import_paths(recipe_dir: Path | None = None) -> None:
 
 class ModuleFailedError(ImportError):
     """The module a component's path names exists, but its code raised while it was imported (a syntax error, a
-    name error at top level, a missing dependency): a mistake in that module, not in the recipe's path."""
+    name error at top level, a missing dependency), or while the named object was looked up in it (a lazy module's
+    `__getattr__`): a mistake in that module, not in the recipe's path."""
 
     def __init__(self, module: str, error: Exception) -> None:
         self.module = module
@@ -121,7 +122,8 @@ def _failure(error: Exception) -> str:
 
 def resolve(target: str) -> Any:
     """Import the object a dotted path (or a built-in short name) names. Raises ImportError/AttributeError when there
-    is no such object, and ModuleFailedError (an ImportError) when its module raises while it is imported."""
+    is no such object, and ModuleFailedError (an ImportError) when its module raises while it is imported or while
+    the object is looked up in it."""
     dotted = BUILTINS.get(target, target)
     parts = dotted.split(".")
     if len(parts) < 2 or not _is_dotted(dotted):  # also `.`, `a..b`, `pkg.9x`
@@ -137,8 +139,13 @@ def resolve(target: str) -> Any:
             continue
         except Exception as err:  # the module's own code failed; KeyboardInterrupt and SystemExit are not caught
             raise ModuleFailedError(tried, err) from err
-        for name in parts[cut:]:
-            obj = getattr(obj, name)
+        for depth, name in enumerate(parts[cut:], start=cut + 1):
+            try:
+                obj = getattr(obj, name)
+            except AttributeError:
+                raise
+            except Exception as err:  # a lazy attribute (a module's `__getattr__`, a descriptor) whose code failed
+                raise ModuleFailedError(".".join(parts[:depth]), err) from err
         return obj
     raise ImportError(f"no module named `{parts[0]}`")
 

@@ -301,6 +301,27 @@ def test_a_module_that_fails_to_import_is_one_problem_naming_key_file_and_line(
     assert f"{tmp_path / module}.py, line {line}" in msg and "fix the module's code" in msg, msg
 
 
+@pytest.mark.parametrize(
+    "raise_line, error, hint",
+    [
+        ("raise RuntimeError('backend not ready')", "RuntimeError: backend not ready (at ", "fix the module's code"),
+        ("import missing_optional_dependency", "No module named 'missing_optional_dependency'", "install `missing_"),
+    ],
+    ids=["runtime", "missing-dependency"],
+)
+def test_a_lazy_module_attribute_that_raises_is_one_problem_not_a_traceback(
+    tmp_path, monkeypatch, raise_line, error, hint
+):
+    module = f"lazy_{tmp_path.name.replace('-', '_')}"  # a module whose names are made on first use
+    (tmp_path / f"{module}.py").write_text(f"def __getattr__(name):\n    {raise_line}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    msg = one(BASE.replace('{ _component_ = "mlp", in_features = 8, out_features = 3 }', f'"{module}.Net"'))
+    assert msg.startswith("model._component_|") and f"importing `{module}.Net` failed: " in msg, msg
+    assert error in msg and hint in msg, msg
+    if "RuntimeError" in error:
+        assert f"{tmp_path / module}.py, line 2" in msg, msg
+
+
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
 def test_an_interrupt_or_exit_while_importing_a_module_is_not_turned_into_a_problem(tmp_path, monkeypatch, raised):
     module = f"exits_{tmp_path.name.replace('-', '_')}"
