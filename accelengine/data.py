@@ -249,7 +249,9 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader for a torch Dataset or HF table (a DataLoader is returned unchanged). Batches of indices come
-    from `IndexBatches`; shuffling uses `EpochShuffle(seed)`, whose epoch the engine sets through `set_epoch` below."""
+    from `IndexBatches`; shuffling uses `EpochShuffle(seed)`, whose epoch the engine sets through `set_epoch` below.
+    The shuffling sampler is `loader.batch_sampler.sampler`: `loader.sampler` is torch's placeholder for a loader
+    given a batch sampler, so call `set_epoch(loader, epoch)` rather than `loader.sampler.set_epoch`."""
     if isinstance(dataset, DataLoader):
         return dataset
     collate = None
