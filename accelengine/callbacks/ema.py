@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from accelengine.callbacks.base import Callback
+from accelengine.errors import EngineError
 
 if TYPE_CHECKING:
     from accelengine.engine import Engine
@@ -27,7 +28,8 @@ class EMA(Callback):
     """Keeps `ema = m * ema + (1 - m) * weights` after every optimizer step (every `every_n_steps`-th).
 
     The momentum `m` starts at `momentum` and rises to `final_momentum` on a cosine over training (teacher-student
-    training); `schedule="constant"` keeps it fixed. The update is a single `torch._foreach_lerp_` on the device:
+    training, so it needs the number of steps: epochs of a train set without a length need `constant`);
+    `schedule="constant"` keeps it fixed. The update is a single `torch._foreach_lerp_` on the device:
     nothing is read back. Buffers (e.g. batch-norm statistics) are copied from the model (`buffers="copy"`) or
     averaged too (`buffers="ema"`, floating-point buffers only).
 
@@ -75,8 +77,23 @@ class EMA(Callback):
 
     # ------------------------------------------------------------------------------------------------ set-up --
     def before_fit(self, engine: Engine) -> None:
+        self._total = self._updates_in(engine)
         self._bind(engine.unwrapped_model())
-        self._total = max(engine.total_steps // self.every, 1) if engine.train_loader is not None else 1
+
+    def _updates_in(self, engine: Engine) -> int:
+        """How many updates training makes: the cosine schedule's length."""
+        if engine.train_loader is None:
+            return 1
+        try:
+            return max(engine.total_steps // self.every, 1)
+        except TypeError as err:  # epochs of an iterable data set without a length
+            if self.schedule == "constant":
+                return 1
+            raise EngineError(
+                "EMA: the cosine momentum schedule needs the number of training steps, but the train set has no "
+                "length (an iterable data set) and training is set in epochs: set `trainer.steps`, or use "
+                '`schedule = "constant"`'
+            ) from err
 
     def _bind(self, model: nn.Module) -> None:
         """Pair the model's tensors with their averages (created from the weights on first use)."""
@@ -144,8 +161,11 @@ class EMA(Callback):
         """The averaged weights under the model's `state_dict` keys (load with `model.load_state_dict`)."""
         if not self.params:
             raise RuntimeError("EMA: no averages yet; they are created when training starts (fit)")
-        keys = self._model.state_dict().keys()
-        return {k: (self.params.get(k) if k in self.params else self.buffers[k]) for k in keys}
+        # Matched by identity: a tied weight is in `state_dict` under each of its names, in `named_parameters` once.
+        model = self._model
+        averages = {id(p): self.params[n] for n, p in model.named_parameters()}
+        averages.update((id(b), self.buffers[n]) for n, b in model.named_buffers())
+        return {k: averages.get(id(v), v) for k, v in model.state_dict(keep_vars=True).items()}
 
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into `model` (e.g. a fresh copy of the architecture, for export)."""

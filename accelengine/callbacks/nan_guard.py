@@ -32,6 +32,8 @@ class NanGuard(Callback):
     losses kept since the last check (references only, nothing is computed per step) in one go. So no checkpoint is
     saved after a bad step: the latest checkpoint stays the last good one. The weights are damaged from the bad step
     on, which does not matter as the run stops; it may run up to `log_every` steps past the bad one before stopping.
+    Epochs of a train set without a length end at a step not known ahead: they are checked at their end
+    (`after_fit_epoch`), after the epoch's evaluation and before its checkpoint.
     On one CPU process, where the engine reads every loss as a float anyway (`state.loss_value`), it tells the guard
     of a bad one as it reads it (`on_nonfinite_loss`), at no cost and with no hook run per step: the run stops at the
     bad step itself.
@@ -73,6 +75,7 @@ class NanGuard(Callback):
         self._total_steps = 0
         self._steps_per_epoch = 0
         self._batches_per_epoch: int | None = None
+        self._check_epoch_ends = False  # an epoch's end persists something but its step is not known ahead
 
     @property
     def key(self) -> str:
@@ -82,12 +85,15 @@ class NanGuard(Callback):
         accumulating = engine.accelerator.gradient_accumulation_steps > 1
         if self.mode == "stop" and getattr(engine, "losses_on_host", False):  # the engine tells (`on_nonfinite_loss`)
             return ("before_optimizer_step", "fit_step", "after_fit_epoch")
-        if self.mode == "stop":  # `after_fit_epoch` marks where a short last step of an accumulation ends
-            return ("before_optimizer_step",) if accumulating else ("before_optimizer_step", "after_fit_epoch")
+        if self.mode == "stop":  # `after_fit_epoch` marks where a short last step of an accumulation ends, or checks
+            epoch_end_used = accumulating or _epoch_end_unplanned(engine)
+            return ("before_optimizer_step",) if epoch_end_used else ("before_optimizer_step", "after_fit_epoch")
         # skip mode: `fit_step` only keeps the losses of micro-batches that do not end a step (accumulation)
         return ("after_fit_epoch",) if accumulating else ("fit_step", "after_fit_epoch")
 
     def before_fit(self, engine: Engine) -> None:
+        if self.skipped:  # restored by a resume: the summary lists the steps skipped before it too
+            self._summarise_skipped(engine)
         self._on_host = getattr(engine, "losses_on_host", False)
         cfg = engine.config
         ckpt = getattr(engine, "checkpoint_config", None)
@@ -104,11 +110,12 @@ class NanGuard(Callback):
             self._batches_per_epoch = len(engine.train_loader) if training and epoch_ends else None
         except TypeError:  # an iterable data set without a length
             self._batches_per_epoch = None
-        self._total_steps = engine.total_steps if training else 0
+        self._check_epoch_ends = _epoch_end_unplanned(engine)
         try:
+            self._total_steps = engine.total_steps if training else 0
             self._steps_per_epoch = engine.steps_per_epoch if training else 0
-        except TypeError:
-            self._steps_per_epoch = 0
+        except TypeError:  # epochs of an iterable data set without a length: known only once each has ended
+            self._total_steps = self._steps_per_epoch = 0
         self._plan(engine.state.step)
         self._forget(engine.state.step)
 
@@ -117,7 +124,8 @@ class NanGuard(Callback):
         `check_every`), the end of this epoch when it persists something, the last step, or before too many
         losses are kept. So a step costs one comparison."""
         due = [(step // p + 1) * p for p in self._periods]
-        due.append(self._total_steps)
+        if self._total_steps:  # unknown (0) for epochs of unknown length: their ends check (`after_fit_epoch`)
+            due.append(self._total_steps)
         if self._batches_per_epoch and self._steps_per_epoch:
             due.append((step // self._steps_per_epoch + 1) * self._steps_per_epoch)
         due.append(step + max(1, self.max_pending // self._accumulation))
@@ -139,7 +147,16 @@ class NanGuard(Callback):
         start, steps_done = next(s for s in reversed(self._starts) if s[0] <= index)
         return steps_done + (index - start) // self._accumulation + 1
 
-    def after_fit_epoch(self, engine: Engine) -> None:  # stop mode with accumulation, on a device (`idle_hooks`)
+    def after_fit_epoch(self, engine: Engine) -> None:  # stop mode on a device, see `idle_hooks`
+        if self._check_epoch_ends:
+            # Its last step was not known ahead, so it is checked here: after the epoch's evaluation, before the
+            # checkpointer (registered later) saves at the epoch's end. All kept losses are of the epoch just done.
+            self._plan(engine.state.step)
+            index = self._first_bad(engine)
+            if index is not None and not engine.state.failed:
+                self._stop(engine, index, epoch=engine.state.epoch - 1)
+            self._forget(engine.state.step)
+            return
         self._starts.append((len(self._losses), engine.state.step))
 
     def _first_bad(self, engine: Engine) -> int | None:
@@ -158,18 +175,20 @@ class NanGuard(Callback):
         flags = finite.tolist()  # the one read-back
         return next((i for i, ok in enumerate(flags) if not ok), None)
 
-    def _stop(self, engine: Engine, index: int | None) -> None:
+    def _stop(self, engine: Engine, index: int | None, epoch: int | None = None) -> None:
         if index is None:  # the logged mean says so, but no kept loss does (a loss the guard did not see)
             self._report(engine, None, "nan")
             return
         local = float(self._losses[index])
-        self._report(engine, self._step_of(index), local if not math.isfinite(local) else "on another process")
+        value = local if not math.isfinite(local) else "on another process"
+        self._report(engine, self._step_of(index), value, epoch)
 
-    def _report(self, engine: Engine, step: int | None, value: Any) -> None:
+    def _report(self, engine: Engine, step: int | None, value: Any, epoch: int | None = None) -> None:
         if step is None:
             where = f"in the steps up to {engine.state.step}"
         else:
-            epoch = (step - 1) // self._steps_per_epoch if self._steps_per_epoch else engine.state.epoch
+            if epoch is None:
+                epoch = (step - 1) // self._steps_per_epoch if self._steps_per_epoch else engine.state.epoch
             where = f"at step {step} (epoch {epoch})"
         reason = f"non-finite loss ({value}) {where}; {FIXES}"
         logger.error(f"stopping: {reason}. Nothing is saved after it: the latest checkpoint is the last good one.")
@@ -222,13 +241,30 @@ class NanGuard(Callback):
             return
         step = engine.state.step + 1
         self.skipped.append(step)
-        engine.summary_extras["skipped_steps"] = {"count": len(self.skipped), "first": self.skipped[:20]}
+        self._summarise_skipped(engine)
         logger.warning(f"non-finite loss at step {step}: update skipped ({len(self.skipped)} so far)")
         if engine.accelerator.scaler is None:  # fp16's gradient scaler skips non-finite gradients on its own
             engine.optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves the weights alone
+
+    def _summarise_skipped(self, engine: Engine) -> None:
+        engine.summary_extras["skipped_steps"] = {"count": len(self.skipped), "first": self.skipped[:20]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": list(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = [int(s) for s in state.get("skipped", [])]
+
+
+def _epoch_end_unplanned(engine: Engine) -> bool:
+    """True when epochs end without the guard knowing their last step ahead (a train set without a length) and an
+    epoch's end persists something (epochs evaluate, a checkpoint may be saved)."""
+    loader = getattr(engine, "train_loader", None)
+    cfg, ckpt = engine.config, getattr(engine, "checkpoint_config", None)
+    if loader is None or (cfg.steps is not None and getattr(ckpt, "every_epochs", None) is None):
+        return False
+    try:
+        len(loader)
+    except TypeError:
+        return True
+    return False

@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from accelengine.callbacks.base import Callback
 
@@ -24,7 +25,8 @@ def human(n: int) -> str:
 
 def count_parameters(model: nn.Module) -> list[tuple[str, str, int, int, int]]:
     """Rows `(module, type, trainable, frozen, buffers)`, one per top-level child holding tensors, plus `(own)` for
-    tensors held by the model itself; a tensor shared between modules is counted once, where it is first seen."""
+    tensors held by the model itself; a tensor shared between modules is counted once, where it is first seen. The
+    tensors of lazy modules not initialised yet (`nn.LazyLinear` before its first forward) have no size: not counted."""
     seen: set[int] = set()
     rows = []
     children = list(model.named_children())
@@ -33,7 +35,7 @@ def count_parameters(model: nn.Module) -> list[tuple[str, str, int, int, int]]:
         params = module.parameters(recurse=module is not model)
         bufs = module.buffers(recurse=module is not model)
         for p in params:
-            if id(p) in seen:
+            if id(p) in seen or is_lazy(p):
                 continue
             seen.add(id(p))
             if p.requires_grad:
@@ -41,7 +43,7 @@ def count_parameters(model: nn.Module) -> list[tuple[str, str, int, int, int]]:
             else:
                 frozen += p.numel()
         for b in bufs:
-            if id(b) not in seen:
+            if id(b) not in seen and not is_lazy(b):
                 seen.add(id(b))
                 buffers += b.numel()
         if trainable or frozen or buffers:  # modules without tensors (activations) would only add noise
@@ -69,11 +71,18 @@ class ParamTable(Callback):
     (`summary_extras["params"]`)."""
 
     def before_fit(self, engine: Engine) -> None:
-        rows = count_parameters(engine.unwrapped_model())
-        engine.summary_extras["params"] = {
+        model = engine.unwrapped_model()
+        rows = count_parameters(model)
+        params = {
             "trainable": sum(r[2] for r in rows),
             "frozen": sum(r[3] for r in rows),
             "buffers": sum(r[4] for r in rows),
         }
+        lazy = {id(t) for t in (*model.parameters(), *model.buffers()) if is_lazy(t)}
+        if lazy:  # the counts are then partial: say so, rather than let them pass for the model's size
+            params["uninitialized_tensors"] = len(lazy)
+        engine.summary_extras["params"] = params
         if engine.is_main_process:
             logger.info(format_table(rows))
+            if lazy:
+                logger.info(f"(not counted: {len(lazy)} tensors of lazy modules, sized at their first forward)")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from accelengine.callbacks.base import Callback
 
@@ -34,18 +36,56 @@ def parse_duration(value: float | str) -> float:
 class TimeLimit(Callback):
     """Requests a stop at the first optimizer step after `max_time` of training (seconds or e.g. `"3h50m"`), counted
     from the start of this `fit` call. The run ends as `stopped` and the checkpointer's end-of-run save keeps the
-    work. One clock read per step; nothing touches the device."""
+    work. One clock read per step; nothing touches the device.
+
+    With several processes each has its own clock and start, so they must agree, or one would stop while the others
+    wait for it in the next step's collectives: as the preemption handler does, each step boundary starts an
+    asynchronous all-reduce of "past the limit" on a CPU (gloo) group and reads the one started at the previous
+    boundary, long finished. Every process stops at the same step, one after the first one's clock passed the limit."""
 
     def __init__(self, max_time: float | str) -> None:
         super().__init__()
         self.max_seconds = parse_duration(max_time)
         self._deadline = float("inf")
+        self._distributed = False
+        self._group: Any = None
+        self._flag: torch.Tensor | None = None
+        self._work: Any = None
 
     def before_fit(self, engine: Engine) -> None:
+        self._distributed = engine.accelerator.num_processes > 1
+        if self._distributed:
+            import torch.distributed as dist
+
+            # a CPU group, so that agreeing never touches the accelerator's stream
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._deadline = time.monotonic() + self.max_seconds
 
     def after_fit_step(self, engine: Engine) -> None:
-        if engine.state.optimizer_stepped and time.monotonic() >= self._deadline:
+        if not engine.state.optimizer_stepped:
+            return
+        due = time.monotonic() >= self._deadline
+        if self._distributed:
+            due = self._agreed(due)
+        if due:
             engine.state.request_stop(  # resumable: a re-run resumes from the end-of-run checkpoint and trains on
                 f"time limit: {self.max_seconds:g} s of training reached at step {engine.state.step}", resumable=True
             )
+
+    def _agreed(self, due: bool) -> bool:
+        """Whether any process was past the limit at the previous step boundary; starts this boundary's vote."""
+        import torch.distributed as dist
+
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = bool(self._flag.item())  # a CPU tensor: no host-device synchronisation
+        self._flag = torch.tensor([int(due)], dtype=torch.int32)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return agreed
+
+    def after_fit(self, engine: Engine) -> None:
+        # every process started as many votes (one per step boundary): the last one completes everywhere
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

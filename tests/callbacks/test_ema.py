@@ -157,3 +157,59 @@ def test_trained_weights_come_back_when_an_evaluation_is_cut_short():
         engine.fit()
     torch.testing.assert_close(weights(engine)["0.weight"], trained["0.weight"], rtol=0, atol=0)
     assert not torch.equal(trained["0.weight"], ema.ema_state_dict()["0.weight"])
+
+
+class TiedNet(torch.nn.Module):
+    """An encoder whose decoder shares its weight (as a language model ties its embedding and output layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = torch.nn.Linear(8, 8, bias=False)
+        self.decode = torch.nn.Linear(8, 8, bias=False)
+        self.decode.weight = self.encode.weight
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.decode(torch.relu(self.encode(x)))))
+
+
+def test_export_with_tied_weights():
+    ema, snaps = EMA(momentum=0.5, schedule="constant"), Snapshots()
+    engine = tiny_engine(callbacks=[ema, snaps], steps=2)
+    engine.model = TiedNet()
+    engine.fit()
+    exported = ema.ema_state_dict()
+    assert set(exported) == {"encode.weight", "decode.weight", "head.weight", "head.bias"}
+    expected = hand_ema(snaps.seen, [0.5, 0.5])
+    for k in exported:
+        torch.testing.assert_close(exported[k], expected[k])
+    fresh = TiedNet()
+    ema.copy_to(fresh)
+    torch.testing.assert_close(fresh.decode.weight.detach(), expected["encode.weight"])
+    assert fresh.decode.weight is fresh.encode.weight  # still tied
+
+
+class Streamed(torch.utils.data.IterableDataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __iter__(self):
+        return iter(self.base)
+
+
+def test_epochs_of_a_train_set_without_a_length():
+    # the cosine schedule needs the number of steps, unknown here: a clear error before training; constant: trains
+    from accelengine import EngineError, LogConfig
+
+    def engine_with(ema):
+        engine = tiny_engine(callbacks=[ema], epochs=2, log=LogConfig(progress=False, nan_guard="off"))
+        engine.loaders["train"] = Streamed(engine.loaders["train"])
+        return engine
+
+    with pytest.raises(
+        EngineError, match=r"cosine momentum schedule needs the number of training steps.*`trainer\.steps`"
+    ):
+        engine_with(EMA(momentum=0.9)).fit()
+    constant = EMA(momentum=0.9, schedule="constant")
+    summary = engine_with(constant).fit()
+    assert summary["status"] == "completed" and constant.updates == 8

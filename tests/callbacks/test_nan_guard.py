@@ -191,3 +191,60 @@ class CountingGuard(NanGuard):
     def fit_step(self, engine):
         self.calls += 1
         super().fit_step(engine)
+
+
+class Unsized(torch.utils.data.IterableDataset):
+    """The tiny run's training set streamed: epochs of 4 batches whose number nothing can know ahead."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __iter__(self):
+        return iter(self.base)
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-floats", "device-tensors"])
+def test_epochs_of_a_train_set_without_a_length(tmp_path, on_host):
+    # the total of steps is unknown ahead: a clean run completes (no check every step, no error), and on a device a
+    # NaN of epoch 1 is found at its end, before the checkpointer's epoch-end save
+    def run(cls, out_dir=None):
+        engine = tiny_engine(
+            cls, epochs=3, log_every=100, out_dir=out_dir, checkpoint=CheckpointConfig(every_epochs=1, at_end=False)
+        )
+        engine.loaders["train"] = Unsized(engine.loaders["train"])
+        engine = engine if on_host else kept_on_device(engine)
+        checks = []
+        guard = next(cb for cb in engine.callbacks if isinstance(cb, NanGuard))
+        first_bad = guard._first_bad
+        guard._first_bad = lambda e: checks.append(e.state.step) or first_bad(e)
+        return engine.fit(), checks
+
+    summary, checks = run(NanAt)
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    assert checks == ([] if on_host else [4, 8, 12])  # once per epoch, at its end
+    summary, _ = run(nan_from(6), tmp_path)
+    assert summary["status"] == "failed" and "at step 6 (epoch 1)" in summary["stop_reason"]
+    assert summary["steps"] == (6 if on_host else 8)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved == ["step-00000004"]
+
+
+def test_a_resumed_run_summarises_the_steps_skipped_before_it(tmp_path):
+    from .test_trackers import Crash  # raises after step 6
+
+    cls = type("NanAt3", (NanAt,), {"bad": {3}})
+    ckpt = CheckpointConfig(every_steps=4, at_end=False)
+    skip = LogConfig(progress=False, nan_guard="skip")
+    straight = tiny_engine(cls, out_dir=tmp_path / "a", steps=8, checkpoint=ckpt, log=skip).fit()
+    assert straight["skipped_steps"] == {"count": 1, "first": [3]}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_engine(cls, callbacks=[Crash()], out_dir=tmp_path / "b", steps=8, checkpoint=ckpt, log=skip).fit()
+    resumed = tiny_engine(
+        cls,
+        out_dir=tmp_path / "b",
+        steps=8,
+        checkpoint=ckpt,
+        log=skip,
+        resume_from=tmp_path / "b" / "checkpoints" / "step-00000004",
+    ).fit()
+    assert resumed["steps"] == 8 and resumed["skipped_steps"] == straight["skipped_steps"]

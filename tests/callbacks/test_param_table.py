@@ -49,3 +49,14 @@ def test_printed_at_start_and_in_the_summary(capsys):
 def test_switched_off(capsys):
     tiny_engine(steps=1, log=LogConfig(progress=False, param_table=False)).fit()
     assert "trainable" not in capsys.readouterr().out
+
+
+def test_lazy_modules_are_not_counted_until_initialised(capsys):
+    # their tensors have no size before the first forward: the table counts the others and says so; the run trains
+    engine = tiny_engine(steps=2, log=LogConfig(progress=False, console=False, summary=False))
+    engine.model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
+    summary = engine.fit()
+    assert summary["status"] == "completed"
+    assert summary["params"] == {"trainable": 51, "frozen": 0, "buffers": 0, "uninitialized_tensors": 2}
+    assert "not counted: 2 tensors of lazy modules" in capsys.readouterr().out
+    assert count_parameters(engine.model)[0] == ("0", "Linear", 144, 0, 0)  # initialised by training
