@@ -71,6 +71,8 @@ class PreemptionHandler(Callback):
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.received is not None and self._state is not None:
+            self._mark(self._state)  # it came while the run was set up (`EarlySignals`): stop before the first step
 
     def release(self, engine) -> None:
         """The run's very last act (the engine calls it after every callback's `after_fit`): put the signal handlers
@@ -117,6 +119,42 @@ class PreemptionHandler(Callback):
 
     def _signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received else "a signal on another process"
+
+
+class EarlySignals:
+    """Holds the signals that arrive while a run is built and set up, before its `PreemptionHandler` is in place
+    (loading a large data set or checkpoint can take minutes). With their default action such a signal would end the
+    process at once: no exit code a scheduler retries, no requeue, so a preempted SLURM job would be gone. A context
+    manager: from `hand_to(handler)` on, what arrives goes to that handler, which stops the run before its first step.
+    """
+
+    def __init__(self, signals: list[str] | tuple[str, ...]) -> None:
+        self.signals = [getattr(signal, s) if isinstance(s, str) else s for s in signals]
+        self.received: int | None = None
+        self._handler: PreemptionHandler | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> EarlySignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        if self._handler is not None:
+            self._handler._on_signal(signum, frame)
+
+    def hand_to(self, handler: PreemptionHandler) -> None:
+        """Pass what arrived so far, and what arrives from now on, to the run's handler."""
+        self._handler = handler
+        if self.received is not None and handler.received is None:
+            handler.received = self.received
 
 
 def requeue() -> None:

@@ -99,7 +99,10 @@ def plot(series: Series, out_dir: Path) -> list[Path]:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     except ImportError as err:
         raise EngineError(INSTALL_HINT) from err
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # `--out loss.png`, a file from an earlier report: a mistake on the command line
+        raise EngineError(f"cannot write the plots to `{out_dir}`: {err}; give --out a directory") from err
     several = len(series) > 1
     written = []
     for name, panels in group(series).items():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from accelengine.recipe import load_recipe
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, launch_command, launch_env, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
 
@@ -110,6 +111,31 @@ dataset = { _component_ = "synthetic_classification", samples = 64 }
 steps = 3
 device = "cpu"
 """
+
+
+@pytest.mark.slow
+def test_processes_that_start_seconds_apart_share_one_default_run_directory(tmp_path):
+    # the default directory is named after the clock: rank 1, slowed down as it reads the recipe, reads another second
+    (tmp_path / "late.py").write_text(
+        "import os\nimport time\n\nimport torch\n\nif os.environ.get('RANK') == '1':\n    time.sleep(1.5)\n\n\n"
+        "def make():\n    return torch.nn.Linear(16, 4)\n"
+    )
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        TINY.replace('{ _component_ = "mlp", in_features = 16, hidden = [8], out_features = 4 }', '"late.make"')
+    )
+    res = subprocess.run(
+        launch_command(2, "run", str(recipe)),
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert (run_dir / "checkpoints" / "step-00000003").is_dir()
 
 
 def test_sweep_recipe_is_refused_by_run(tmp_path):

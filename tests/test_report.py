@@ -100,3 +100,11 @@ def test_reading_metrics(tmp_path):
         "lr",
         "samples_per_s",
     ]
+
+
+def test_out_naming_a_file_is_one_message(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (tmp_path / "loss.png").write_bytes(PNG)
+    assert main(["report", str(run), "--out", str(tmp_path / "loss.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the plots to `{tmp_path / 'loss.png'}`" in err and "give --out a directory" in err

@@ -132,3 +132,25 @@ def test_resume_with_another_number_of_processes_is_refused(trained, tmp_path):
     resumed = build_engine(load_recipe(recipe), tmp_path / "two", resume_from=plan_resume(tmp_path / "two", "auto"))
     with pytest.raises(EngineError, match=r"2 process\(es\).*same number of processes"):
         resumed.setup()
+
+
+def test_export_to_a_directory_or_below_a_file_is_one_message(trained, tmp_path, capsys):
+    from accelengine.cli import main
+
+    _, run_dir, _ = trained
+    (tmp_path / "afile").write_text("x")
+    for out, named in [(tmp_path, "is a directory"), (tmp_path / "afile" / "w.safetensors", "cannot write")]:
+        assert main(["export", str(run_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert named in err and str(out) in err
+
+
+def test_out_below_a_file_is_one_message_before_anything_runs(trained, tmp_path, capsys):
+    from accelengine.cli import main
+
+    recipe, run_dir, _ = trained
+    (tmp_path / "afile").write_text("x")
+    below = tmp_path / "afile" / "run"
+    for args in (["run", str(recipe)], ["eval", str(recipe), "--checkpoint", str(run_dir)]):
+        assert main([*args, "--out", str(below)]) == 2
+        assert f"{tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
