@@ -55,9 +55,9 @@ from accelengine.data import make_loader, set_epoch, split_batch
 from accelengine.errors import EngineError
 from accelengine.loss_window import FOLD, LossWindow
 from accelengine.metrics import Accuracy, MeanLoss, as_metric, to_float
-from accelengine.preemption import Preempted, PreemptionHandler
+from accelengine.preemption import EarlySignals, Preempted, PreemptionHandler
 from accelengine.recipe.schema import CheckpointSection, DataSection, LogSection, TrainerSection
-from accelengine.rundir import close_run_log
+from accelengine.rundir import close_run_log, setup_logging
 from accelengine.state import State
 from accelengine.stepping import OptimizerDriver
 
@@ -86,7 +86,8 @@ class Engine:
         summary = engine.fit()   # {"status": "completed", "final": {"val/accuracy": ...}, ...}
 
     Subclass and override `compute_loss(batch)` (a tensor, a list or a dict of tensors: each term is logged, their
-    sum is optimized) and `predict(batch)` for anything beyond `loss(model(x), y)`.
+    sum is optimized and logged as `loss`, a name no term of several may take) and `predict(batch)` for anything
+    beyond `loss(model(x), y)`.
 
     Evaluation reports every metric and, when there is a `loss`, its mean as `<split>/loss`; a metric named `loss`
     takes that name's place (to evaluate with another loss than the one trained).
@@ -316,7 +317,11 @@ class Engine:
                     handlers.append(partial(fn.__func__, cb, self))
                     continue
                 handlers.append(partial(fn, self))
-            self._hooks[hook] = _dispatcher(own, handlers)
+            if hook == "after_fit":  # the run's last hook: one failing handler (a full disk at the last save) must
+                # not cost the others theirs, the run summary's among them, which then records the run as failed
+                self._hooks[hook] = partial(_each_despite_errors, self.state, [own, *handlers] if own else handlers)
+            else:
+                self._hooks[hook] = _dispatcher(own, handlers)
         before_update = self._hooks["before_optimizer_step"]
         if self.config.max_grad_norm is not None:
             before_update = partial(self._clip_then, before_update)
@@ -334,7 +339,17 @@ class Engine:
     # ------------------------------------------------------------------------------------------------- loop --
     def fit(self) -> dict[str, Any]:
         """Train (or only evaluate, when there is no `train` set). Returns the run summary."""
-        self.setup()
+        # The run's log opens first: what `setup` reports (the checkpoint it resumed from, the weights it loaded, a
+        # rank that follows rank 0's checkpoint) belongs in it, on the console and in `log.txt`.
+        setup_logging(self.out_dir, self._is_main, self.accelerator.process_index)
+        try:
+            # a preemption signal while setting up (restoring a large checkpoint) stops the run before its first step
+            with EarlySignals(self.preemption.signals) as early:
+                early.hand_to(self.preemption)
+                self.setup()
+        except BaseException:
+            close_run_log()
+            raise
         self.start_time = time.time()
         self.state.status = "running"
         try:
@@ -354,6 +369,7 @@ class Engine:
             self.state.status = "preempted"
         except BaseException as err:
             self.state.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            self.state.failed = self.state.status == "failed"  # mid-step: no end-of-run checkpoint of these weights
             self.state.stop_reason = self.state.stop_reason or f"{type(err).__name__}: {err}"
             raise
         finally:
@@ -654,6 +670,12 @@ def _total_and_terms(losses: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]
         raise EngineError(f"compute_loss must return a tensor, a list or a dict of tensors, not {kind}")
     if not terms:
         raise EngineError("compute_loss returned no loss terms")
+    if "loss" in terms and len(terms) > 1:  # a total and its parts, as other trainers return, would count twice
+        others = ", ".join(f"`{name}`" for name in terms if name != "loss")
+        raise EngineError(
+            f"compute_loss returned a term named `loss` beside {others}: the engine optimizes the sum of the terms "
+            "and logs it as `loss`; return the terms alone (their sum is what is optimized), or the total alone"
+        )
     total = sum(terms.values())
     return total, (terms if list(terms) == ["loss"] else {"loss": total, **terms})  # type: ignore[return-value]
 
@@ -726,6 +748,22 @@ def _dispatcher(own: Callable[..., None] | None, handlers: list[Callable[[], Non
 def _call_each(handlers: list[Callable[[], None]]) -> None:
     for fn in handlers:
         fn()
+
+
+def _each_despite_errors(state: State, handlers: list[Callable[[], None]]) -> None:
+    """Run every handler; the first error marks the run's status failed (for the handlers after it: the summary) and
+    is raised at the end."""
+    first: Exception | None = None
+    for fn in handlers:
+        try:
+            fn()
+        except Exception as err:
+            if first is None:
+                first = err
+                # `failed` stays as it was: training itself did not fail, so the end-of-run checkpoint is still saved
+                state.status, state.stop_reason = "failed", f"{type(err).__name__}: {err}"
+    if first is not None:
+        raise first
 
 
 def _call_with_total_steps(factory: Callable[..., Any], optimizer: Any, total_steps: int) -> Any:

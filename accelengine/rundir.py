@@ -124,7 +124,8 @@ class _MainOnly(logging.Filter):
 
 
 def setup_logging(out_dir: Path | None, is_main: bool, rank: int = 0) -> list[logging.Handler]:
-    """Console lines from the main process (warnings from every rank, prefixed), and a copy in `log.txt`."""
+    """Console lines from the main process (warnings from every rank, prefixed), and a copy in `log.txt` (the run
+    directory is made if it is not there). `Engine.fit` calls it first, and `close_run_log` last."""
     log = logging.getLogger("accelengine")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -140,6 +141,7 @@ def setup_logging(out_dir: Path | None, is_main: bool, rank: int = 0) -> list[lo
     console._accelengine_info = (lambda text, now: text) if is_main else None  # type: ignore[attr-defined]
     handlers: list[logging.Handler] = [console]
     if out_dir is not None and is_main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(out_dir / "log.txt", encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         file._accelengine_info = lambda text, now: f"{_asctime(now)} INFO {text}"  # type: ignore[attr-defined]

@@ -146,7 +146,12 @@ def test_a_dict_holding_only_loss_logs_it_alone(make_engine):
 
 @pytest.mark.parametrize(
     ("returned", "message"),
-    [({}, "returned no loss terms"), ([], "returned no loss terms"), (1.5, "must return a tensor, a list or a dict")],
+    [
+        ({}, "returned no loss terms"),
+        ([], "returned no loss terms"),
+        (1.5, "must return a tensor, a list or a dict"),
+        ({"loss": torch.ones((), requires_grad=True), "reg": torch.ones(())}, "a term named `loss` beside `reg`"),
+    ],
 )
 def test_compute_loss_returning_no_terms_or_a_wrong_type_is_a_clear_error(make_engine, returned, message):
     class Wrong(Engine):
@@ -157,6 +162,22 @@ def test_compute_loss_returning_no_terms_or_a_wrong_type_is_a_clear_error(make_e
     with pytest.raises(EngineError, match=message):
         engine.fit()
     assert engine.state.step == 0 and engine.state.status == "failed"
+
+
+def test_a_failing_after_fit_handler_does_not_cost_the_others_and_the_summary_says_failed(tmp_path, make_engine):
+    import json
+
+    class FullDisk(Callback):  # a user callback: it runs before the checkpointer's end-of-run save and the summary
+        def after_fit(self, engine):
+            raise OSError(28, "No space left on device")
+
+    out = tmp_path / "run"
+    engine = make_engine(callbacks=[FullDisk()], out_dir=out, config=TrainerConfig(steps=2, device="cpu"))
+    with pytest.raises(OSError, match="No space left on device"):
+        engine.fit()
+    assert (out / "checkpoints" / "step-00000002" / "manifest.json").is_file()  # the save after it still ran
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["stop_reason"], summary
 
 
 def test_gradient_accumulation_counts_optimizer_steps(make_engine):

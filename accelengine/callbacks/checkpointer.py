@@ -90,8 +90,10 @@ class Checkpointer(Callback):
 
     def after_fit(self, engine) -> None:
         status = engine.state.status
-        if engine.train_loader is None or status in ("failed", "interrupted"):
-            return  # a failed step is never saved: the last good checkpoint stays the latest
+        # A failed step (or one an error cut short) is never saved: the last good checkpoint stays the latest. A run
+        # failed only by an earlier end-of-run handler trained to its end: its weights are saved.
+        if engine.train_loader is None or status == "interrupted" or engine.state.failed:
+            return
         if status == "preempted" or self.config.at_end or self._best_pending:
             self.save(engine)
 

@@ -27,7 +27,7 @@ def default_callbacks(
     built-ins matters: the progress bar clears its line before the console logger prints): pass
     `NanGuard(mode="skip")` or `ProgressBar(metric="val/loss")` to change one, for instance.
     """
-    first: list[Callback] = [RunFiles(copy_code=log.copy_code)]  # first: it sets up logging for the others
+    first: list[Callback] = [RunFiles(copy_code=log.copy_code)]  # first: the run's records before the others write
     if log.nan_guard != "off":
         first.append(NanGuard(mode=log.nan_guard))
     if log.param_table:

@@ -1,5 +1,6 @@
-"""The run directory's records at the start: `recipe.toml`, `env.json`, `log.txt` and, with `log.copy_code`, a
-snapshot of the source files in `code/`. (`summary.json` is written at the end by `RunSummary`.)"""
+"""The run directory's records at the start: `recipe.toml`, `env.json` and, with `log.copy_code`, a snapshot of the
+source files in `code/`. (`log.txt` is opened by `Engine.fit` before anything else, `summary.json` is written at the
+end by `RunSummary`.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from accelengine.callbacks.base import Callback
 from accelengine.recipe.toml_io import dump_toml
-from accelengine.rundir import environment, setup_logging, snapshot_code, write_json
+from accelengine.rundir import environment, snapshot_code, write_json
 
 logger = logging.getLogger("accelengine")
 
@@ -31,7 +32,6 @@ class RunFiles(Callback):
         main = engine.is_main_process
         if out is not None and main:
             Path(out).mkdir(parents=True, exist_ok=True)
-        setup_logging(Path(out) if out is not None else None, main, engine.accelerator.process_index)
         if main and not engine.config.deterministic:
             logger.warning(
                 "not deterministic: reruns may differ slightly; set `trainer.deterministic = true` "

@@ -76,3 +76,29 @@ def test_log_txt_is_closed_when_the_run_ends(tmp_path):
     assert "run completed" in text and "a later line" not in text  # the summary is in; what came after is not
     handlers = logging.getLogger("accelengine").handlers
     assert not [h for h in handlers if isinstance(h, logging.FileHandler)]
+
+
+def test_what_set_up_reports_is_in_log_txt_and_a_failed_set_up_closes_it(tmp_path):
+    import logging
+
+    import pytest
+
+    from accelengine import CheckpointConfig
+    from accelengine.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    tiny_engine(out_dir=out, steps=4, checkpoint=CheckpointConfig(every_steps=4)).fit()
+    checkpoint = out / "checkpoints" / "step-00000004"
+    assert "resumed from" not in (out / "log.txt").read_text()
+    tiny_engine(out_dir=out, steps=8, checkpoint=CheckpointConfig(every_steps=4), resume_from=checkpoint).fit()
+    assert f"INFO resumed from {checkpoint} (epoch 0, step 4)" in (out / "log.txt").read_text()
+
+    fine_tuned = tmp_path / "fine-tuned"
+    tiny_engine(out_dir=fine_tuned, steps=1, checkpoint=CheckpointConfig(init_from=str(checkpoint))).fit()
+    assert f"INFO initialised the model from {checkpoint}" in (fine_tuned / "log.txt").read_text()
+
+    # set-up fails: the run's log is closed all the same
+    with pytest.raises(CheckpointError, match="no-such-checkpoint"):
+        tiny_engine(out_dir=tmp_path / "refused", steps=1, resume_from=tmp_path / "no-such-checkpoint").fit()
+    files = [h for h in logging.getLogger("accelengine").handlers if isinstance(h, logging.FileHandler)]
+    assert files == []
