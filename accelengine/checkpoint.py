@@ -547,9 +547,25 @@ def _load_manifest(path: Path) -> dict[str, Any]:
                 raise ValueError(f"bad {key}")
         if type(manifest["world_size"]) is not int or type(manifest["sequence"]) is not int:
             raise ValueError("bad world_size or sequence")
+        # `list_checkpoints` (and with it every save's sequence number and rotation) converts these to floats
+        created = manifest.get("created", 0.0)
+        if type(created) not in (int, float):
+            raise ValueError(f"bad created time {created!r}")
+        float(created)
         manifest["meta"] = _decode(manifest["meta"], {})
         manifest["metric"] = _decode(manifest.get("metric"), {})
-    except (KeyError, TypeError, ValueError, RecursionError, struct.error) as e:
+        if type(manifest["metric"]) is int:
+            float(manifest["metric"])
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RecursionError,
+        struct.error,
+        AttributeError,
+        IndexError,
+        OverflowError,
+    ) as e:
         raise CheckpointError(f"checkpoint {path} is damaged: {MANIFEST} is malformed ({e})") from e
     return manifest
 

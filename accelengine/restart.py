@@ -110,8 +110,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Set the generators `state` holds (all of them from `rng_state()`; a subset from `rng_state(kinds)`)."""
     for kind, value in state.items():
         if kind == "cuda":
+            # `trainer.device` may change on resume (docs/checkpoints.md): a run saved on GPUs continues on the CPU,
+            # where nothing draws from CUDA generators
             if not torch.cuda.is_available():
-                raise EngineError("this checkpoint holds CUDA random states but no CUDA device is visible")
+                logger.warning("the saved CUDA random states are not restored: no CUDA device is visible")
+                continue
             torch.cuda.set_rng_state_all(value)
         elif kind in _RNG_SETTERS:
             _RNG_SETTERS[kind](value)
@@ -197,6 +200,8 @@ def capture(engine: Engine) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
         "batch_in_epoch": engine.state.batch_in_epoch,
         "metrics": dict(engine.state.last_eval),
         "world_size": acc.num_processes,
+        # the effective value: with `trainer.grad_accum` unset it comes from the launcher, which no recipe records
+        "grad_accum": acc.gradient_accumulation_steps,
         "recipe": engine.recipe,
         "recipe_hash": recipe_hash(engine.recipe),
         "versions": {
@@ -219,6 +224,14 @@ def restore(engine: Engine, path: Path) -> None:
             f"{acc.num_processes}: resume with the same number of processes (random states are per process)"
         )
     check_compatible(meta.get("recipe"), engine.recipe)
+    saved_accum = meta.get("grad_accum")  # absent from checkpoints of earlier versions
+    if saved_accum is not None and saved_accum != acc.gradient_accumulation_steps:
+        raise EngineError(
+            f"checkpoint {path} was written accumulating gradients over {saved_accum} micro-batch(es) per step and "
+            f"this run accumulates over {acc.gradient_accumulation_steps} (unset, `trainer.grad_accum` takes the "
+            f"launcher's --gradient_accumulation_steps): resume with `trainer.grad_accum = {saved_accum}`, or start "
+            "a new run with another --out"
+        )
     if "model" not in parts:
         raise EngineError(
             f"checkpoint {path} holds no model, so it was not written by a training run: resume from one of a run's "

@@ -618,3 +618,34 @@ def test_a_file_matching_its_checksum_but_not_laid_out_by_us_is_refused(tmp_path
     verify_checkpoint(path)  # the checksum matches
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*not a valid safetensors file"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(created="yesterday"),
+        lambda m: m.update(created=None),
+        lambda m: m.update(metric=10**400),  # valid JSON, but no float holds it
+        lambda m: m.update(meta={"$t": "dict", "v": [1]}),
+        lambda m: m.update(meta={"$t": "odict", "v": {}, "metadata": {"$t": "npscalar", "dtype": "<f8", "hex": ""}}),
+    ],
+    ids=["created-text", "created-null", "metric-overflows", "meta-bad-dict", "meta-empty-scalar"],
+)
+def test_a_foreign_manifest_with_a_valid_seal_is_named_and_skipped_not_a_crash(tmp_path, edit, caplog):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    first = save_one(tmp_path, "step-00000001", step=1, mgr=mgr)
+    foreign = save_one(tmp_path / "other", "step-00000002", step=2)
+    _rewrite_manifest(foreign, edit)
+    foreign.rename(tmp_path / foreign.name)
+    foreign = tmp_path / foreign.name
+    with pytest.raises(CheckpointError, match=rf"{foreign.name} is damaged: manifest\.json is malformed"):
+        read_checkpoint(foreign)
+    assert [e.name for e in list_checkpoints(tmp_path)] == ["step-00000001"]
+    (tmp_path / "latest").unlink()  # without the pointer every checkpoint is looked at, the newest step first
+    with caplog.at_level(logging.WARNING, logger="accelengine.checkpoint"):
+        assert find_latest(tmp_path) == first
+    assert foreign.name in caplog.text
+    # a save numbers itself and rotates past it
+    third = save_one(tmp_path, "step-00000003", step=3, mgr=mgr)
+    assert [e.name for e in list_checkpoints(tmp_path)] == ["step-00000003"]
+    assert read_checkpoint(third).parts["engine"] == {"step": 3}

@@ -438,3 +438,40 @@ def test_a_checkpoint_monitor_whose_name_says_no_direction_needs_a_mode_in_pytho
     engine = build(tmp_path, steps=2, checkpoint=CheckpointConfig(monitor="val/loss"))
     (checkpointer,) = [cb for cb in engine.callbacks if type(cb).__name__ == "Checkpointer"]
     assert checkpointer.mode == "min"
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
+    """`trainer.device` may change on resume: CUDA random states (simulated here) are skipped where no GPU is."""
+    import accelengine.restart as restart
+
+    real = restart.rng_state
+
+    def with_cuda(kinds=None):
+        state = real(kinds)
+        if kinds is None:
+            state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+        return state
+
+    monkeypatch.setattr(restart, "rng_state", with_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Crash):
+        build(tmp_path, steps=8, callbacks=[CrashAt(6)]).fit()
+    monkeypatch.setattr(restart, "rng_state", real)
+    assert "cuda" in read_checkpoint(find_latest(tmp_path / "checkpoints")).parts["rng"]["now"]
+    resumed = build(tmp_path, steps=8, resume=plan_resume(tmp_path, "auto"))
+    assert resumed.fit()["steps"] == 8
+    assert "WARNING the saved CUDA random states are not restored" in (tmp_path / "log.txt").read_text()
+    straight = build(tmp_path / "straight", steps=8)
+    straight.fit()
+    assert_identical(straight, resumed)
+
+
+def test_a_changed_gradient_accumulation_is_refused_also_when_the_launcher_set_it(tmp_path, monkeypatch):
+    """`trainer.grad_accum` unset takes `accelerate launch --gradient_accumulation_steps`, which the recipe does not
+    record: the checkpoint does, so a re-launch with another value cannot resume into a different training."""
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    build(tmp_path, steps=4).fit()
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    with pytest.raises(EngineError, match=r"over 2 micro-batch\(es\).*over 1 .*`trainer.grad_accum = 2`"):
+        build(tmp_path, steps=8, resume=plan_resume(tmp_path, "auto")).fit()
+    assert build(tmp_path, steps=8, grad_accum=2, resume=plan_resume(tmp_path, "auto")).fit()["steps"] == 8
