@@ -15,7 +15,7 @@
             epochs mode, every `eval_every` epochs: evaluate
             after_fit_epoch
         a last evaluation if the last step was not evaluated
-        [after_task]
+        [after_task]                                    (not when preempted: the task goes on after the resume)
         after_fit
 
     evaluate():
@@ -361,7 +361,8 @@ class Engine:
                 self._train()
                 if self.eval_loaders and self.state.last_eval_step != self.state.step and not self.state.preempted:
                     self.evaluate()
-                self._run_hook("after_task")
+                if not self.state.preempted:  # the task goes on after the resume, and ends there
+                    self._run_hook("after_task")
             self.state.status = "failed" if self.state.failed else "stopped" if self.state.should_stop else "completed"
             if self.state.preempted:
                 self.state.status = "preempted"

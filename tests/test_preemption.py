@@ -422,3 +422,24 @@ def test_a_signal_while_the_run_is_built_stops_it_before_its_first_step_and_it_r
     assert run(recipe, out=out)["status"] == "completed"
     assert_same_run(tmp_path / "straight", out)
     assert logged(out) == logged(tmp_path / "straight")
+
+
+def test_a_preempted_task_is_not_ended_its_after_task_runs_once_at_the_real_end(tmp_path, make_engine):
+    from accelengine import Engine, TrainerConfig
+
+    ended: list[int] = []
+
+    class Tasks(Engine):
+        def after_task(self):  # e.g. a continual-learning accuracy row, a replay buffer update: once per task
+            ended.append(self.state.step)
+
+    class PreemptAt(Callback):
+        def after_fit_step(self, engine):
+            if engine.state.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    config = TrainerConfig(steps=8, device="cpu")
+    first = make_engine(Tasks, out_dir=tmp_path, config=config, callbacks=[PreemptAt()]).fit()
+    assert first["status"] == "preempted" and first["steps"] == 3 and ended == []
+    resumed = make_engine(Tasks, out_dir=tmp_path, config=config, resume_from=find_latest(tmp_path / "checkpoints"))
+    assert resumed.fit()["status"] == "completed" and ended == [8]

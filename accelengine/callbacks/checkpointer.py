@@ -78,7 +78,8 @@ class Checkpointer(Callback):
         state, every = engine.state, self.config.every_steps
         if not state.optimizer_stepped or state.failed:  # failed: e.g. the NaN guard found a bad step
             return
-        if self._best_pending or state.preempted or (every and state.step % every == 0):
+        # a preemption is saved in `after_fit`, once the earlier callbacks' `after_fit` checked the weights (NanGuard)
+        if self._best_pending or (every and state.step % every == 0):
             self.save(engine)
 
     def after_fit_epoch(self, engine) -> None:

@@ -29,9 +29,10 @@ class NanGuard(Callback):
     every step where something is persisted: at a log step it reads the logged mean loss of the window (already on
     the host: a NaN anywhere in the window makes it NaN) before that step's evaluation and `after_fit_step`; at the
     other evaluation and checkpoint steps and at the last step of an epoch or of training, it reads back the step
-    losses kept since the last check (references only, nothing is computed per step) in one go. So no checkpoint is
-    saved after a bad step: the latest checkpoint stays the last good one. The weights are damaged from the bad step
-    on, which does not matter as the run stops; it may run up to `log_every` steps past the bad one before stopping.
+    losses kept since the last check (references only, nothing is computed per step) in one go; before a
+    preemption's checkpoint too (`after_fit`). So no checkpoint is saved after a bad step: the latest checkpoint
+    stays the last good one. The weights are damaged from the bad step on, which does not matter as the run stops;
+    it may run up to `log_every` steps past the bad one before stopping.
     Epochs of a train set without a length end at a step not known ahead: they are checked at their end
     (`after_fit_epoch`), after the epoch's evaluation and before its checkpoint.
     On one CPU process, where the engine reads every loss as a float anyway (`state.loss_value`), it tells the guard
@@ -76,6 +77,7 @@ class NanGuard(Callback):
         self._steps_per_epoch = 0
         self._batches_per_epoch: int | None = None
         self._check_epoch_ends = False  # an epoch's end persists something but its step is not known ahead
+        self._reason = ""  # the stop reason given, if any
 
     @property
     def key(self) -> str:
@@ -190,7 +192,7 @@ class NanGuard(Callback):
             if epoch is None:
                 epoch = (step - 1) // self._steps_per_epoch if self._steps_per_epoch else engine.state.epoch
             where = f"at step {step} (epoch {epoch})"
-        reason = f"non-finite loss ({value}) {where}; {FIXES}"
+        reason = self._reason = f"non-finite loss ({value}) {where}; {FIXES}"
         logger.error(f"stopping: {reason}. Nothing is saved after it: the latest checkpoint is the last good one.")
         engine.state.request_stop(reason, failed=True)
 
@@ -231,6 +233,18 @@ class NanGuard(Callback):
             self._stop(engine, self._first_bad(engine))  # verdict everywhere
         self._plan(engine.state.step)
         self._forget(engine.state.step)
+
+    def after_fit(self, engine: Engine) -> None:
+        # A preemption stops the run between two checks, and its checkpoint is saved next (the checkpointer's
+        # `after_fit`, registered later): the steps since the last check are checked first, so that it cannot hold
+        # damaged weights. The run then ends as failed, naming the step, rather than preempted.
+        state = engine.state
+        if self.mode != "stop" or self._on_host or not state.preempted or state.failed:
+            return
+        index = self._first_bad(engine)
+        if index is not None:
+            self._stop(engine, index)
+            state.status, state.stop_reason = "failed", self._reason
 
     # --------------------------------------------------------------------------------------------- skip mode --
     def before_optimizer_step(self, engine: Engine) -> None:  # skip mode only (see `idle_hooks`)

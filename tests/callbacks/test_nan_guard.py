@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
-from accelengine import CheckpointConfig, Engine, LogConfig
+from accelengine import Callback, CheckpointConfig, Engine, LogConfig
 from accelengine.callbacks import NanGuard
 
 from .helpers import tiny_engine, weights
@@ -248,3 +251,26 @@ def test_a_resumed_run_summarises_the_steps_skipped_before_it(tmp_path):
         resume_from=tmp_path / "b" / "checkpoints" / "step-00000004",
     ).fit()
     assert resumed["steps"] == 8 and resumed["skipped_steps"] == straight["skipped_steps"]
+
+
+class PreemptAt(Callback):
+    """Sends this process SIGTERM at the end of optimizer step `step`, as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def after_fit_step(self, engine):
+        if engine.state.optimizer_stepped and engine.state.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_preemption_between_checks_saves_no_damaged_weights(tmp_path):
+    # On a device the losses since the last check (step 0; the next is the log step 8) are not read back yet when the
+    # signal comes at step 5: they are, before the preemption's checkpoint would be saved.
+    engine = tiny_engine(nan_from(3), out_dir=tmp_path, steps=12, log_every=8, eval_every=100, callbacks=[PreemptAt(5)])
+    summary = kept_on_device(engine).fit()
+    assert summary["status"] == "failed" and summary["steps"] == 5, summary
+    assert summary["stop_reason"].startswith("non-finite loss (nan) at step 3 (epoch 0)"), summary
+    checkpoints = tmp_path / "checkpoints"
+    assert not checkpoints.exists() or not any(p.name.startswith("step-") for p in checkpoints.iterdir())
