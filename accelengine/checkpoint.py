@@ -841,6 +841,35 @@ def _read_latest_pointer(root: Path) -> str | None:
     return name
 
 
+def point_latest(root: str | os.PathLike, name: str) -> None:
+    """Make `root/latest` name the checkpoint `name` (atomically: a reader sees the old name or the new one)."""
+    root = Path(root)
+    latest, tmp = root / LATEST, root / f"{_TMP_PREFIX}{LATEST}"
+    try:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+        _write_bytes(tmp, f"{name}\n".encode())
+        os.replace(tmp, latest)
+        _fsync_dir(root)
+    except (OSError, CheckpointError) as e:
+        raise CheckpointError(f"updating {latest} failed: {e}") from e
+
+
+def branch_from(path: str | os.PathLike) -> list[str]:
+    """Resuming from `path` when its directory's `latest` names another checkpoint starts a new branch of the run:
+    `latest` then names `path`, so that a re-run after a crash continues this branch, not the abandoned one (whose
+    checkpoints are replaced as this run reaches their steps, or rotated away). Returns the names of the abandoned
+    branch's checkpoints (newer than `path`), for the log; nothing changes when `latest` already names `path`."""
+    path = Path(path)
+    pointed = _read_latest_pointer(path.parent)
+    if pointed is None or pointed == path.name:
+        return []
+    entries = list_checkpoints(path.parent)
+    resumed = next((e for e in entries if e.name == path.name), None)
+    point_latest(path.parent, path.name)
+    return [e.name for e in entries if resumed is not None and e.order > resumed.order]
+
+
 def find_latest(root: str | os.PathLike) -> Path | None:
     """The newest complete, verified checkpoint in `root`: the one `latest` names, else the newest by step."""
     root = Path(root)
@@ -1246,15 +1275,10 @@ class CheckpointManager:
 
     def _publish(self, name: str) -> None:
         """Rank 0, after the rename: point `latest` at the new checkpoint, then rotate."""
-        latest, tmp = self.root / LATEST, self.root / f"{_TMP_PREFIX}{LATEST}"
         try:
-            if os.path.lexists(tmp):
-                _remove(tmp)
-            _write_bytes(tmp, f"{name}\n".encode())
-            os.replace(tmp, latest)
-            _fsync_dir(self.root)
-        except (OSError, CheckpointError) as e:
-            raise CheckpointError(f"{self.root / name} was saved, but updating {latest} failed: {e}") from e
+            point_latest(self.root, name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.root / name} was saved, but {e}") from e
         try:
             self._rotate(name)
         except CheckpointError as e:  # the new checkpoint is safe; failing to delete old ones must not fail the save

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from accelengine.checkpoint import CheckpointError, find_latest, read_checkpoint
+from accelengine.checkpoint import CheckpointError, branch_from, find_latest, read_checkpoint
 from accelengine.errors import EngineError
 
 if TYPE_CHECKING:
@@ -276,6 +276,16 @@ def restore(engine: Engine, path: Path) -> None:
         set_rng_state(parts["rng"]["now"])
         engine.epoch_start_rng = parts["rng"]["epoch_start"]
     logger.info("resumed from %s (epoch %d, step %d)", path, engine.state.epoch, engine.state.step)
+    own = engine.out_dir is not None and path.parent.resolve() == (Path(engine.out_dir) / CHECKPOINT_DIR).resolve()
+    if own and engine.is_main_process:
+        abandoned = branch_from(path)
+        if abandoned:
+            logger.warning(
+                "resumed from %s, older than the run's latest checkpoint: a re-run now continues from it, and %s "
+                "(of the abandoned continuation) are replaced as this run reaches their steps",
+                path.name,
+                ", ".join(abandoned),
+            )
 
 
 @contextmanager

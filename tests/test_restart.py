@@ -475,3 +475,23 @@ def test_a_changed_gradient_accumulation_is_refused_also_when_the_launcher_set_i
     with pytest.raises(EngineError, match=r"over 2 micro-batch\(es\).*over 1 .*`trainer.grad_accum = 2`"):
         build(tmp_path, steps=8, resume=plan_resume(tmp_path, "auto")).fit()
     assert build(tmp_path, steps=8, grad_accum=2, resume=plan_resume(tmp_path, "auto")).fit()["steps"] == 8
+
+
+def test_resuming_from_an_older_checkpoint_of_the_run_is_what_a_rerun_continues(tmp_path):
+    """`--resume step-4` while steps 8 and 12 exist abandons them: a crash before the next save must not send the
+    re-run (`auto`) back to the abandoned step 12."""
+    keep = CheckpointConfig(every_steps=4, keep_last=3)
+    build(tmp_path, steps=12, checkpoint=keep).fit()
+    checkpoints = tmp_path / "checkpoints"
+    assert find_latest(checkpoints).name == "step-00000012"
+    with pytest.raises(Crash):
+        build(tmp_path, steps=12, checkpoint=keep, callbacks=[CrashAt(6)], resume=checkpoints / "step-00000004").fit()
+    assert plan_resume(tmp_path, "auto").name == "step-00000004"
+    log = (tmp_path / "log.txt").read_text()
+    assert "step-00000008, step-00000012 (of the abandoned continuation)" in log, log[-2000:]
+    resumed = build(tmp_path, steps=12, checkpoint=keep, resume=plan_resume(tmp_path, "auto"))
+    resumed.fit()
+    straight = build(tmp_path / "straight", steps=12, checkpoint=keep)
+    straight.fit()
+    assert_identical(straight, resumed)
+    assert find_latest(checkpoints).name == "step-00000012"
