@@ -229,3 +229,10 @@ def test_a_syntax_error_in_the_recipes_own_module_is_one_message_exit_2(tmp_path
         assert res.stderr.count("error:") == 1 and "`model._component_`" in res.stderr, res.stderr
         assert f"SyntaxError: invalid syntax at {tmp_path / 'mymodels.py'}, line 4: `def Net(:`" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_override_value_is_one_message_exit_2_not_a_string_for_the_optimizer():
+    res = run_cli("validate", "recipes/digits.toml", "--set", "optim.betas=[0.9, 0.99", "--set", "optim.lr=")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "2 problems" in res.stderr and "`optim.betas`: bad override" in res.stderr, res.stderr
+    assert "`optim.lr`: bad override `optim.lr=`: no value after `=`" in res.stderr, res.stderr

@@ -495,3 +495,9 @@ def test_resuming_from_an_older_checkpoint_of_the_run_is_what_a_rerun_continues(
     straight.fit()
     assert_identical(straight, resumed)
     assert find_latest(checkpoints).name == "step-00000012"
+
+
+def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
+    build(tmp_path, steps=12, checkpoint=CheckpointConfig(every_steps=2, keep_last=0)).fit()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved == [f"step-{s:08d}" for s in range(2, 13, 2)]

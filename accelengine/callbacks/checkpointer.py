@@ -47,7 +47,7 @@ class Checkpointer(Callback):
         cfg, acc = self.config, engine.accelerator
         self.manager = CheckpointManager(
             Path(engine.out_dir) / CHECKPOINT_DIR,
-            keep_last=cfg.keep_last,
+            keep_last=cfg.keep_last or None,  # 0 (a recipe cannot say None) keeps all, as None does
             keep_best=cfg.keep_best if cfg.monitor else 0,
             monitor=cfg.monitor,
             mode=self.mode,

@@ -182,6 +182,23 @@ def check_component(
     the target's first positional parameters, whatever those are called. Returns the resolved object, or None when
     it cannot be imported.
     """
+    obj = _check_target(spec, path, runtime_args, problems, call=call, positional=positional)
+    # a component given as another's argument is its own part of the recipe: checked even when the outer one fails
+    for key, value in spec.kwargs.items():
+        for sub_path, sub in _nested_specs(value, f"{path}.{key}"):
+            check_component(sub, sub_path, (), problems)
+    return obj
+
+
+def _check_target(
+    spec: ComponentSpec,
+    path: str,
+    runtime_args: tuple[str, ...],
+    problems: list[Problem],
+    *,
+    call: bool,
+    positional: int,
+) -> Any:
     try:
         obj = resolve(spec.target)
     except ModuleFailedError as err:
@@ -276,9 +293,6 @@ def check_component(
                     f"wrap `{spec.target}` in a function that takes `{name}` by keyword",
                 )
             )
-    for key, value in spec.kwargs.items():
-        for sub_path, sub in _nested_specs(value, f"{path}.{key}"):
-            check_component(sub, sub_path, (), problems)
     return obj
 
 

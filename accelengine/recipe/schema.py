@@ -72,7 +72,7 @@ class CheckpointSection:
     every_steps: int | None = field(default=None, metadata=doc("save every N optimizer steps"))
     every_epochs: int | None = field(default=None, metadata=doc("save every N epochs"))
     at_end: bool = field(default=True, metadata=doc("save when training ends"))
-    keep_last: int | None = field(default=3, metadata=doc("keep the N newest checkpoints; unset keeps all"))
+    keep_last: int | None = field(default=3, metadata=doc("keep the N newest checkpoints; 0 keeps all"))
     keep_best: int = field(default=1, metadata=doc("keep the K best by `monitor`"))
     monitor: str | None = field(default=None, metadata=doc("metric to rank checkpoints, e.g. `val/accuracy`"))
     mode: Literal["min", "max"] | None = field(

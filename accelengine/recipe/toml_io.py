@@ -70,19 +70,52 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). The value is parsed as TOML; a bare word stays a string."""
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). The value is parsed as TOML; a bare word stays a string. Keys
+    are TOML keys too: `data."my.set".batch_size=8` sets the `my.set` data set's batch size."""
     key, sep, raw = item.partition("=")
-    keys = [k.strip() for k in key.split(".")]
-    if not sep or not all(keys):
-        raise RecipeError(
-            Problem(key, f"bad override `{item}`", "write --set section.key=value, e.g. --set optim.lr=3e-4")
-        )
+    keys = _override_keys(key)
+    if not sep or not keys:
+        where = ".".join(keys) if keys else key.strip()
+        hint = "write --set section.key=value, e.g. --set optim.lr=3e-4"
+        array = key.partition("[")[0].strip()
+        if "[" in key and array:
+            hint = f"an array item cannot be set on its own: set the whole array, e.g. --set '{array}=[...]'"
+        raise RecipeError(Problem(where, f"bad override `{item}`", hint))
+    where = ".".join(keys)
     raw = raw.strip()
+    if not raw:  # an empty shell variable, most often: an empty string would reach a component unnoticed
+        raise RecipeError(
+            Problem(
+                where, f"bad override `{item}`: no value after `=`", f"for an empty string write --set '{where}=\"\"'"
+            )
+        )
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as err:
+        if raw[0] in "[{\"'":  # meant as an array, a table or a quoted string, not as these characters
+            hint = f"check its brackets and quotes, and quote the whole override for the shell: --set '{where}=...'"
+            msg = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(err))
+            raise RecipeError(
+                Problem(where, f"bad override `{item}`: the value is not valid TOML: {msg}", hint)
+            ) from None
         value = raw  # `--set name=mnist` means the string, as users expect
     return keys, value
+
+
+def _override_keys(key: str) -> list[str]:
+    """The key path of an override, or [] when it is not one."""
+    if not any(c in key for c in "\"'[]"):
+        keys = [k.strip() for k in key.split(".")]  # also the names TOML would need quoted, e.g. `data.café`
+        return keys if all(keys) else []
+    try:
+        node: Any = tomllib.loads(f"{key} = 0")
+    except tomllib.TOMLDecodeError:
+        return []
+    keys = []
+    while isinstance(node, dict) and len(node) == 1:
+        ((k, node),) = node.items()
+        keys.append(k)
+    return keys if node == 0 else []
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

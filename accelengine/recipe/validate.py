@@ -189,6 +189,8 @@ def name_from_file(path: str | Path) -> str:
 
 def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
     t, ck = recipe.trainer, recipe.checkpoint
+    # a key already reported as wrong reads as unset here: a check that needs it would only echo that problem
+    said = _named(problems)
     if ck.monitor and ck.mode is None and metric_mode(ck.monitor) is None:
         problems.append(
             Problem(
@@ -197,11 +199,28 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
                 'set `mode = "min"` or `mode = "max"` in `[checkpoint]`',
             )
         )
+    evaluated = [name for name in recipe.data.loaders if name != "train"]
+    if ck.monitor and "train" in recipe.data.loaders and not any(ck.monitor.startswith(f"{n}/") for n in evaluated):
+        # evaluation results are named `<data set>/<metric>`: any other name is never produced, so checkpoints would
+        # be ranked by nothing (no evaluation set), or the run would stop at its first evaluation (a typo)
+        close = difflib.get_close_matches(ck.monitor.partition("/")[0], evaluated, n=1)
+        if close:
+            hint = f"did you mean `{close[0]}/{ck.monitor.partition('/')[2]}`?"
+        elif evaluated:
+            hint = "name an evaluation set first: " + ", ".join(f"`{n}/...`" for n in evaluated)
+        else:
+            hint = "add an evaluation set, e.g. `[data.val]`, and monitor one of its metrics, e.g. `val/loss`"
+        problems.append(
+            Problem(
+                "checkpoint.monitor", f"`{ck.monitor}` is not a metric of an evaluation set (`<set>/<metric>`)", hint
+            )
+        )
     name_problem = _run_name_problem(recipe.name)
     if name_problem:
         problems.append(name_problem)
     training = "train" in recipe.data.loaders
-    if training and (t.epochs is None) == (t.steps is None):
+    length_said = bool(said & {"trainer", "trainer.epochs", "trainer.steps"})
+    if training and (t.epochs is None) == (t.steps is None) and not length_said:
         problems.append(
             Problem("trainer.epochs", "set exactly one of `trainer.epochs` and `trainer.steps`", "e.g. epochs = 10")
         )
@@ -213,12 +232,14 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
         problems.append(Problem("trainer.max_grad_norm", f"must be a positive number, got {t.max_grad_norm}"))
     if not 0 <= recipe.seed < 2**32:
         problems.append(Problem("seed", f"must be between 0 and 2**32 - 1, got {recipe.seed}"))
-    for name in ("every_steps", "every_epochs", "keep_last"):
+    for name in ("every_steps", "every_epochs"):
         v = getattr(ck, name)
         if v is not None and v < 1:
             problems.append(Problem(f"checkpoint.{name}", f"must be at least 1, got {v}"))
-    if ck.keep_best < 0:
-        problems.append(Problem("checkpoint.keep_best", f"must be 0 or more, got {ck.keep_best}"))
+    for name in ("keep_last", "keep_best"):
+        v = getattr(ck, name)
+        if v is not None and v < 0:
+            problems.append(Problem(f"checkpoint.{name}", f"must be 0 or more, got {v}"))
     if recipe.data.batch_size < 1:
         problems.append(Problem("data.batch_size", f"must be at least 1, got {recipe.data.batch_size}"))
     if recipe.data.num_workers < 0:
@@ -230,7 +251,7 @@ def _cross_checks(recipe: Recipe, problems: list[Problem]) -> None:
             problems.append(Problem(f"data.{name}.batch_size", f"must be at least 1, got {loader.batch_size}"))
         if loader.num_workers is not None and loader.num_workers < 0:
             problems.append(Problem(f"data.{name}.num_workers", f"must be 0 or more, got {loader.num_workers}"))
-    if not training and (t.epochs is not None or t.steps is not None):
+    if not training and (t.epochs is not None or t.steps is not None) and not said & {"data", "data.train"}:
         close = difflib.get_close_matches("train", list(recipe.data.loaders), n=1)
         hint = f"did you mean `data.train`, not `data.{close[0]}`?" if close else "name the training set `data.train`"
         which = "trainer.steps" if t.steps is not None else "trainer.epochs"
@@ -289,10 +310,14 @@ def validate(data: dict[str, Any], source: str = "", recipe_dir: Path | None = N
     if not isinstance(data, dict):
         raise RecipeError(Problem("", "a recipe must be a TOML table"), source)
     sweeps = _sweep_keys(data)
-    if sweeps:
-        keys = ", ".join(f"`{k}`" for k in sweeps)
+    session = [f"sweep axes ({', '.join(f'`{k}`' for k in sweeps)})"] if sweeps else []
+    if "sweep" in data:  # what `accelengine sweep` reads and takes out; never a key of one run's recipe
+        session.append("`[sweep]`")
+    if session:
+        verb = "is" if session == ["`[sweep]`"] else "are"
+        where = sweeps[0] if sweeps else "sweep"
         problems.append(
-            Problem(sweeps[0], f"sweep axes ({keys}) are for sessions", "run it with `accelengine sweep` instead")
+            Problem(where, f"{' and '.join(session)} {verb} for sessions", "run it with `accelengine sweep` instead")
         )
         raise RecipeError(problems, source)
     recipe = build_section(Recipe, data, "", problems)
@@ -309,17 +334,26 @@ def _said_once(problems: list[Problem], reported: int) -> list[Problem]:
     """A key that was wrong already reads as "missing" to the later checks: say it once. A later problem is dropped
     when its key is one the first `reported` problems name, or the key an earlier "did you mean" points to (`epoch`
     for `epochs` makes "set exactly one of epochs and steps" an echo of the typo)."""
-    named = {p.path for p in problems[:reported]}
+    named = _named(problems[:reported])
     kept = []
     for i, problem in enumerate(problems):
         if i >= reported and problem.path in named:
             continue
         kept.append(problem)
+        named |= _named([problem]) - {problem.path}  # a check may name its own key twice, e.g. `data`
+    return kept
+
+
+def _named(problems: list[Problem]) -> set[str]:
+    """The keys `problems` are about: their own, and the key each "did you mean" points to."""
+    named = set()
+    for problem in problems:
+        named.add(problem.path)
         meant = re.fullmatch(r"did you mean `(\w+)`\?", problem.hint)
         if meant:
             parent, _, _ = problem.path.rpartition(".")
             named.add(f"{parent}.{meant[1]}" if parent else meant[1])
-    return kept
+    return named
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

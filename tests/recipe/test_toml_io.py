@@ -63,3 +63,38 @@ def test_a_recipe_that_is_not_utf8_names_the_file_line_and_column(tmp_path):
         load_toml(path)
     assert info.value.source == f"{path}:2:12"
     assert "not UTF-8 text: byte 0xe9 at line 2, column 12" in str(info.value) and "save it as UTF-8" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "said"),
+    [
+        ("optim.lr=", "optim.lr", "no value after `=`"),  # e.g. an empty shell variable
+        ("optim.betas=[0.9, 0.99", "optim.betas", "not valid TOML: Unclosed array"),
+        ("model={_component_ = 'mlp'", "model", "not valid TOML: Unclosed inline table"),
+        ("name='run", "name", "not valid TOML"),
+    ],
+    ids=["empty", "array", "table", "string"],
+)
+def test_an_override_value_that_is_not_one_is_refused_not_kept_as_a_string(override, path, said):
+    # as a string it would reach a component's argument unchecked, and fail only once the run builds it
+    with pytest.raises(RecipeError) as info:
+        apply_overrides({}, [override])
+    [problem] = info.value.problems
+    assert problem.path == path and said in problem.message and f"--set '{path}=" in problem.hint, problem
+
+
+def test_bare_words_in_overrides_stay_strings():
+    assert apply_overrides({}, ["name=mnist", "log.project=my project", "x=1.2.3"]) == {
+        "name": "mnist",
+        "log": {"project": "my project"},
+        "x": "1.2.3",
+    }
+
+
+def test_override_keys_may_be_quoted_and_array_items_are_refused_with_the_fix():
+    data = apply_overrides({"data": {"my.set": {"batch_size": 1}}}, ['data."my.set".batch_size=8'])
+    assert data == {"data": {"my.set": {"batch_size": 8}}}
+    with pytest.raises(RecipeError) as info:
+        apply_overrides({}, ["callbacks[0].patience=3"])
+    [problem] = info.value.problems
+    assert "bad override" in problem.message and "--set 'callbacks=[...]'" in problem.hint, problem

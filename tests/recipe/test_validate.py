@@ -417,10 +417,57 @@ def test_positional_only_parameters_are_reported_at_validation(tmp_path, monkeyp
 
 
 def test_a_checkpoint_monitor_whose_name_says_no_direction_needs_its_mode():
-    text = BASE + '\n[checkpoint]\nmonitor = "val/score"\n'
+    text = BASE + '[data.val]\ndataset = "digits"\n[checkpoint]\nmonitor = "val/score"\n'
     with pytest.raises(RecipeError) as info:
         validate(parse_toml(text))
     [problem] = [p for p in info.value.problems if p.path == "checkpoint.mode"]
     assert "`val/score`" in problem.message and 'mode = "min"' in problem.hint
     assert validate(parse_toml(text + 'mode = "max"\n')).checkpoint.mode == "max"
-    assert validate(parse_toml(BASE + '\n[checkpoint]\nmonitor = "val/loss"\n')).checkpoint.mode is None  # says min
+    text = text.replace('monitor = "val/score"\n', 'monitor = "val/loss"\n')
+    assert validate(parse_toml(text)).checkpoint.mode is None  # says min
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        (BASE.replace("epochs = 1", "step = 10"), "trainer.step"),
+        (BASE.replace("epochs = 1", 'steps = "10"'), "trainer.steps"),
+        ("trainer = 1\n" + BASE.replace("[trainer]\nepochs = 1\n", ""), "trainer"),
+        (BASE.replace("[data.train]", '[data]\ntrain = "digits"\n[data.val]'), "data.train"),
+    ],
+    ids=["steps-misspelt", "steps-a-string", "trainer-not-a-table", "train-not-a-table"],
+)
+def test_a_wrong_length_or_train_set_is_not_reported_again_as_missing(text, path):
+    # "set exactly one of epochs and steps" / "no train data set" would only echo the problem already reported
+    assert one(text).startswith(f"{path}|")
+
+
+def test_a_sweep_table_is_refused_by_a_single_run_with_the_sweep_command():
+    msg = one(BASE + '[sweep]\nsamples = 2\n[sweep.params]\n"optim.lr" = {log_uniform = [1e-4, 1e-2]}\n')
+    assert msg.startswith("sweep|") and "accelengine sweep" in msg and "did you mean" not in msg, msg
+    msg = one(BASE.replace("lr = 1e-3", "lr_ = [1e-3, 1e-2]") + "[sweep]\nseeds = 2\n")
+    assert msg.startswith("optim.lr_|") and "`[sweep]`" in msg and "accelengine sweep" in msg, msg
+
+
+def test_a_checkpoint_monitor_must_name_an_evaluation_set():
+    # evaluation results are `<set>/<metric>`: another name ranks nothing, or stops the run at its first evaluation
+    msg = one(BASE + '[checkpoint]\nmonitor = "val/accuracy"\n')
+    assert msg.startswith("checkpoint.monitor|") and "add an evaluation set, e.g. `[data.val]`" in msg, msg
+    with_val = BASE + '[data.val]\ndataset = "digits"\n[checkpoint]\n'
+    msg = one(with_val + 'monitor = "vall/accuracy"\n')
+    assert msg.startswith("checkpoint.monitor|") and "did you mean `val/accuracy`?" in msg, msg
+    assert validate(parse_toml(with_val + 'monitor = "val/accuracy"\n')).checkpoint.monitor == "val/accuracy"
+
+
+def test_a_nested_component_is_checked_when_the_outer_one_cannot_be_imported():
+    model = '{ _component_ = "mlp", in_features = 8, out_features = 3 }'
+    found = problems(BASE.replace(model, '{ _component_ = "mlpp", act = { _component_ = "torch.nn.ReLUU" } }'))
+    assert [p.split("|")[0] for p in found] == ["model._component_", "model.act._component_"], found
+    assert "torch.nn.ReLU" in found[1]
+
+
+def test_keep_last_zero_keeps_every_checkpoint_and_a_negative_one_is_refused():
+    recipe = validate(parse_toml(BASE + "\n[checkpoint]\nkeep_last = 0\n"))
+    assert recipe.checkpoint.keep_last == 0
+    msg = one(BASE + "\n[checkpoint]\nkeep_last = -1\n")
+    assert msg.startswith("checkpoint.keep_last|") and "must be 0 or more, got -1" in msg, msg
