@@ -155,6 +155,7 @@ class Engine:
         self.epoch_start_rng: dict[str, Any] | None = None
         self._prepared = False
         self.start_time = 0.0
+        self._first_step = 0
 
     # ----------------------------------------------------------------------------------------------- set-up --
     def _make_accelerator(self) -> Accelerator:
@@ -351,6 +352,7 @@ class Engine:
             close_run_log()
             raise
         self.start_time = time.time()
+        self._first_step = self.state.step  # a resume restored it: the speed counts the steps this attempt makes
         self.state.status = "running"
         try:
             self._run_hook("before_fit")
@@ -647,7 +649,7 @@ class Engine:
             "steps": state.step,
             "epochs": state.epoch,
             "wall_time_s": round(wall, 3),
-            "steps_per_s": round(state.step / wall, 3) if wall and state.step else None,
+            "steps_per_s": round(done / wall, 3) if wall and (done := state.step - self._first_step) > 0 else None,
             "seed": self.seed,
             "world_size": self.accelerator.num_processes,
             "final": dict(state.last_eval),

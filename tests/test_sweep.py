@@ -153,6 +153,15 @@ def test_underscore_keys_that_are_not_axes_are_errors_with_a_fix():
     assert "`optim_[0].lr_`" in msg and "inside the value of another axis" in msg
 
 
+def test_a_value_listed_twice_in_an_axis_is_an_error_not_a_repeated_experiment():
+    (msg,) = problems_of(session(**{"lr = 0.5": "lr_ = [0.1, 0.5, 0.1]"}))
+    assert msg.startswith("`optim.lr_`: the value `0.1` is listed twice") and "`[sweep] seeds`" in msg
+    (msg,) = problems_of(session(**{"hidden = [8]": "hidden_ = [[8], [16], [8]]"}))
+    assert "the value `[8]` is listed twice" in msg
+    # TOML tells an integer from a float, and so do the recipes they make
+    assert [e.recipe["optim"]["lr"] for e in expand(session(**{"lr = 0.5": "lr_ = [1, 1.0]"}))] == [1, 1.0]
+
+
 def test_a_session_is_not_a_recipe():
     with pytest.raises(RecipeError, match="accelengine sweep"):
         validate(session(**{"lr = 0.5": "lr_ = [0.1, 0.2]"}))
@@ -238,6 +247,32 @@ def test_random_samples_combine_with_the_grid_and_seeds():
     explicit = expand(session(**{"[sweep]": "[sweep]\nseeds = [0, 7, 42]"}))
     assert [e.overrides for e in explicit] == [{"seed": 0}, {"seed": 7}, {"seed": 42}]
     assert [e.name for e in explicit] == ["00-seed=0", "01-seed=7", "02-seed=42"]
+
+
+CHOICE_OF_OPTIMS = '\noptim = { choice = [{ _component_ = "sgd", lr = 0.2 }, { _component_ = "adamw", lr = 0.01 }] }\n'
+
+
+def test_a_table_drawn_whole_neither_hides_a_grid_axis_nor_a_key_drawn_into_it():
+    data = session(**{"lr = 0.5": "lr_ = [0.1, 0.5]", "[sweep]": "[sweep]\nsamples = 2"})
+    data["sweep"]["params"] = parse_toml(CHOICE_OF_OPTIMS)
+    (msg,) = problems_of(data)  # every grid point would run the drawn optimizer, with its own lr
+    assert msg.startswith("`sweep.params.optim`: `optim` would replace the grid axis `optim.lr`")
+    # the key drawn into the table lands in it, whichever is written first
+    data = session(**{"[sweep]": "[sweep]\nsamples = 3"})
+    data["sweep"]["params"] = parse_toml('"optim.lr" = { uniform = [0.1, 0.2] }' + CHOICE_OF_OPTIMS)
+    exps = expand(data)
+    assert all(e.recipe["optim"]["lr"] == e.overrides["optim.lr"] for e in exps), [e.recipe for e in exps]
+    assert list(exps[0].overrides) == ["optim.lr", "optim"]  # the table's columns keep the order of the file
+
+
+def test_an_axis_in_a_random_choice_or_a_parameter_given_twice_is_reported():
+    data = session(**{"[sweep]": "[sweep]\nsamples = 2"})
+    data["sweep"]["params"] = parse_toml(CHOICE_OF_OPTIMS.replace("lr = 0.2", "lr_ = [0.2, 0.3]"))
+    (msg,) = problems_of(data)  # not `sweep axes are for sessions` from the validation of the drawn recipe
+    assert msg.startswith("`sweep.params.optim.choice[0].lr_`: a sweep axis inside a `choice` of `[sweep.params]`")
+    data["sweep"]["params"] = parse_toml('"optim.lr" = { uniform = [0.1, 0.2] }\n[optim]\nlr = { uniform = [1, 2] }')
+    (msg,) = problems_of(data)  # two spellings of one key: neither may silently win
+    assert msg.startswith("`sweep.params.optim.lr`: `optim.lr` is given twice")
 
 
 def test_sweep_table_mistakes_are_all_reported_with_their_key_path():
@@ -474,12 +509,27 @@ def test_a_session_directory_resumes_with_the_modules_beside_its_original_recipe
     assert result.ok and [r.status for r in result.rows] == ["completed"] * 2
 
 
+def test_a_session_directory_keeps_the_name_its_recipe_file_gave_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("accelengine.sweep.session.run_local", lambda *args: None)  # lay the directory out, no runs
+    text = TINY.replace('name = "tiny"\n', "").replace("lr = 0.5", "lr_ = [0.1, 0.5]")
+    out = tmp_path / "session"
+    run_session(write(tmp_path, text, "digits.toml"), out=out, echo=lambda line: None)
+    run_session(out, echo=lambda line: None)  # `accelengine sweep DIR` reads its copy, `session.toml`
+    assert json.loads((out / "sweep.json").read_text())["session"] == "digits"
+    assert plan(out).startswith("session `digits`")
+    for exp in (out / "experiments").iterdir():
+        assert parse_toml((exp / "recipe.toml").read_text())["name"] == "digits"
+
+
 def test_the_runs_names_can_be_an_axis(tmp_path):
     path = write(tmp_path, TINY.replace('name = "tiny"', 'name_ = ["first", "second"]'))
     table = plan(path)
     assert '"first"' in table and '"second"' in table
     resolved = load_session(path).resolved
     assert [r["name"] for r in resolved] == ["first", "second"]
+    # from the command line, for a recipe that names no runs (its default name is no clash)
+    unnamed = write(tmp_path, TINY.replace('name = "tiny"\n', ""), "unnamed.toml")
+    assert [r["name"] for r in load_session(unnamed, ['name_=["a", "b"]']).resolved] == ["a", "b"]
 
 
 # --- re-runs killed before their summary ---------------------------------------------------------------------------

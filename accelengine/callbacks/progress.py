@@ -98,6 +98,7 @@ class ProgressBar(Callback):
         self._next = 0.0
         self._t0 = 0.0
         self._step0 = 0
+        self._total: int | None = None
 
     def before_fit(self, engine: Engine) -> None:
         self._active = engine.is_main_process and engine.train_loader is not None
@@ -109,6 +110,7 @@ class ProgressBar(Callback):
             # bar before each, so they do not start in the middle of it.
             for handler in logging.getLogger("accelengine").handlers:
                 handler.addFilter(self._clear_filter)
+        self._total = _total_steps(engine)
         self._t0 = time.perf_counter()
         self._step0 = engine.state.step
         self._next = self._t0 + (self.refresh_s if self._tty else self.every_s)
@@ -162,19 +164,20 @@ class ProgressBar(Callback):
     def line(self, engine: Engine, now: float) -> str:
         """The progress text: `epoch 2/10 step 150/600 25% 40.1 steps/s ETA 0:00:11 loss 0.31 val/accuracy 0.94`."""
         state, cfg = engine.state, engine.config
-        total = engine.total_steps
+        total = self._total
         epochs = f"/{cfg.epochs}" if cfg.epochs is not None else ""
         done = state.step - self._step0
         elapsed = now - self._t0
         rate = done / elapsed if elapsed > 0 else 0.0
-        parts = [f"epoch {min(state.epoch + 1, cfg.epochs or state.epoch + 1)}{epochs}", f"step {state.step}/{total}"]
-        if self._tty:
+        steps = f"step {state.step}/{total}" if total else f"step {state.step}"
+        parts = [f"epoch {min(state.epoch + 1, cfg.epochs or state.epoch + 1)}{epochs}", steps]
+        if self._tty and total:
             width = 20
-            filled = int(width * min(state.step / total, 1.0)) if total else 0
+            filled = int(width * min(state.step / total, 1.0))
             parts.append(f"[{'#' * filled}{'.' * (width - filled)}]")
         parts.append(f"{100 * state.step / total:.0f}%" if total else "")
         parts.append((f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}") + " steps/s" if rate else "")
-        if rate and total > state.step:
+        if rate and total and total > state.step:
             parts.append(f"ETA {format_duration((total - state.step) / rate)}")
         loss = state.last_train.get("train/loss")
         if loss is not None:
@@ -196,6 +199,13 @@ class ProgressBar(Callback):
         else:
             out.write(text + "\n")
         out.flush()
+
+
+def _total_steps(engine: Engine) -> int | None:
+    try:
+        return engine.total_steps
+    except TypeError:  # epochs over a data set without a length: how many steps is not known in advance
+        return None
 
 
 def _isatty(stream: Any) -> bool:

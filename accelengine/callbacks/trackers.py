@@ -140,7 +140,8 @@ class Trackers(Callback):
     The trackers' run starts in `before_fit` (or at the first record, for an `evaluate()` without `fit`), after a
     resume has restored this callback's state (`load_state_dict`), so a resumed run reopens the same run: W&B by id,
     MLflow by run id, Aim by run hash, Comet by experiment key, TensorBoard by its directory, relative to the run
-    directory (events the interrupted run logged after the resumed step are purged, so its tail is not doubled).
+    directory (events the interrupted run logged from the resumed step on are purged, so its tail is not doubled,
+    and the records the checkpoint says were logged at that step are logged again).
     """
 
     def __init__(self, project: str | None = None, tracker_kwargs: dict[str, dict[str, Any]] | None = None) -> None:
@@ -149,8 +150,12 @@ class Trackers(Callback):
         self.tracker_kwargs = dict(tracker_kwargs or {})
         self._started = False
         self._closed = False
-        self._resumed_at = 0
         self._restored: dict[str, Any] = {}
+        # What was logged at the latest step, checkpointed: a resume from that step purges the step from TensorBoard
+        # (what the interrupted run logged there after the checkpoint would otherwise show twice) and logs these again.
+        self._latest_step = -1
+        self._at_latest: list[dict[str, Any]] = []
+        self._latest_known = True  # False after restoring a checkpoint written before these were kept
         self.run_project: str | None = None
         self.runs: dict[str, Any] = {}  # tracker name -> run id (TensorBoard: its directory), once started
 
@@ -172,17 +177,25 @@ class Trackers(Callback):
             # the same event directory as before (a resume)
             event_dir = Path(engine.out_dir or ".") / restored["tensorboard"]  # stays put when already absolute
             acc.project_configuration.logging_dir = str(event_dir.parent)
-        # Events an earlier attempt in this directory logged past the step this run starts from are dropped, so
+        # Events an earlier attempt in this directory logged from the step this run starts at are dropped, so
         # curves are not doubled: after a resume, and on a fresh start over a run that died before its first
-        # checkpoint (`metrics.jsonl` is rewound alike).
-        init_kwargs.setdefault("tensorboard", {})["purge_step"] = self._resumed_at + 1
+        # checkpoint (`metrics.jsonl` is rewound alike). The step itself goes too: the interrupted run may have
+        # logged there after the checkpoint (the evaluation at the end of an epoch, after a save at its last step),
+        # and this run logs that again; what came before the checkpoint is logged again below.
+        start = engine.state.step
+        init_kwargs.setdefault("tensorboard", {})["purge_step"] = start if self._latest_known else start + 1
         name = (engine.recipe or {}).get("name")
         self.run_project = self._restored.get("project") or self.project or name or "accelengine"
         config = _flat_config(engine.recipe) if engine.recipe else {"seed": engine.seed}
         if "tensorboard" in [str(getattr(t, "value", t)) for t in acc.log_with]:
             _after_earlier_event_files(Path(acc.project_configuration.logging_dir or ".") / self.run_project)
         acc.init_trackers(self.run_project, config=config, init_kwargs=init_kwargs)
+        if self._latest_step != start:
+            self._latest_step, self._at_latest = start, []
         for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                for values in self._at_latest:
+                    tracker.log(values, step=start)
             getter = _RUN_IDS.get(tracker.name)
             try:
                 self.runs[tracker.name] = getter[0](tracker) if getter else None
@@ -197,8 +210,7 @@ class Trackers(Callback):
 
     def before_fit(self, engine: Engine) -> None:
         self._closed = False
-        self._resumed_at = engine.state.step  # a resume has restored the loop position (and this state) by now
-        if not self._started:
+        if not self._started:  # a resume has restored the loop position (and this state) by now
             self._start(engine)  # here rather than at the first record: starting a run takes tens of ms
 
     def on_log(self, engine: Engine, record: dict[str, Any]) -> None:
@@ -208,7 +220,11 @@ class Trackers(Callback):
             self._start(engine)
         if engine.accelerator.trackers:
             values = {k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float))}
-            engine.accelerator.log(values, step=record["step"])
+            step = record["step"]
+            engine.accelerator.log(values, step=step)
+            if step != self._latest_step:
+                self._latest_step, self._at_latest = step, []
+            self._at_latest.append(values)
 
     def after_fit(self, engine: Engine) -> None:
         # `accelerator.end_training()` would also destroy the process group, which callbacks after this one (a
@@ -219,8 +235,13 @@ class Trackers(Callback):
         self._started, self._closed = False, True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"project": self.run_project or self.project, "runs": dict(self.runs)}
+        latest = {"step": self._latest_step, "records": [dict(v) for v in self._at_latest]}
+        return {"project": self.run_project or self.project, "runs": dict(self.runs), "latest": latest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restored = {"project": state.get("project"), "runs": dict(state.get("runs") or {})}
         self.runs = dict(self._restored["runs"])
+        self._latest_known = "latest" in state
+        latest = state.get("latest") or {}
+        self._latest_step = int(latest.get("step", -1))
+        self._at_latest = [dict(v) for v in latest.get("records") or ()]

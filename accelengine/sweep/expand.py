@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import json
 import math
 import random
 import re
@@ -194,6 +195,9 @@ def _parse_distribution(spec: Any, path: str, problems: list[Problem]) -> Distri
         if not isinstance(args, list) or not args:
             problems.append(Problem(where, "expected a non-empty array of values", "e.g. `{choice = [16, 32, 64]}`"))
             return None
+        # drawn values go into the recipe as they are: an axis in one would reach validation as an unknown key
+        for i, item in enumerate(args):
+            _find_axes(item, (f"{where}[{i}]",), [], problems, in_axis=_IN_CHOICE)
         return Distribution(kind, args)
     if not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) for a in args):
         problems.append(Problem(where, f"expected `[low, high]` (two numbers), got `{show(args)}`", example))
@@ -268,7 +272,14 @@ def parse_sweep(raw: Any, problems: list[Problem]) -> SweepConfig:
         bad("params", f"expected a table, got {type_name(raw_params)}", example)
         raw_params = {}
     params: dict[str, Distribution] = {}
+    seen: set[str] = set()
     for key, spec in _flat_params(raw_params):
+        if key in seen:  # `"optim.lr" = ...` beside `[sweep.params.optim] lr = ...`: one would silently win
+            hint = 'keep one of its spellings (`"optim.lr" = ...` or `[sweep.params.optim] lr = ...`)'
+            bad(f"params.{key}", f"`{key}` is given twice", hint)
+            params.pop(key, None)
+            continue
+        seen.add(key)
         if parse_path(key) is None:
             bad(f"params.{key}", f"`{key}` is not a key path", 'write it like "optim.lr" or "callbacks[0].every"')
         elif dist := _parse_distribution(spec, f"sweep.params.{key}", problems):
@@ -327,8 +338,18 @@ def _is_axis_key(key: str) -> bool:
     return key.endswith("_") and key != COMPONENT_KEY
 
 
-def _find_axes(node: Any, path: KeyPath, axes: list[KeyPath], problems: list[Problem], in_axis: bool = False) -> None:
-    """Collect every grid axis in document order; record misuse of the trailing-underscore syntax."""
+_IN_AXIS = "the value of another axis"
+_IN_CHOICE = "a `choice` of `[sweep.params]`"
+
+
+def _value_id(value: Any) -> str:
+    """Equal for values that make the same recipe (`1` and `1.0` do not: TOML keeps them apart)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _find_axes(node: Any, path: KeyPath, axes: list[KeyPath], problems: list[Problem], in_axis: str = "") -> None:
+    """Collect every grid axis in document order; record misuse of the trailing-underscore syntax. `in_axis` names
+    the swept value `node` is part of, where an axis would not be expanded."""
     if isinstance(node, list):
         for i, item in enumerate(node):
             _find_axes(item, (*path, i), axes, problems, in_axis)
@@ -346,17 +367,25 @@ def _find_axes(node: Any, path: KeyPath, axes: list[KeyPath], problems: list[Pro
             hint = f"write `{key} = [{show(value)}, ...]` to sweep it, or `{key[:-1]} = {show(value)}` for one value"
             problems.append(Problem(where, message, hint))
         elif in_axis:
-            problems.append(
-                Problem(
-                    where,
-                    "a sweep axis inside the value of another axis is not expanded",
-                    "move it out of the enclosing axis, or write the combinations out",
-                )
+            hint = (
+                "move it out of the enclosing axis, or write the combinations out"
+                if in_axis == _IN_AXIS
+                else "write each combination out as one choice"
             )
+            problems.append(Problem(where, f"a sweep axis inside {in_axis} is not expanded", hint))
         elif key == "_":
             problems.append(Problem(where, "`_` alone is not a key to sweep", "name the key, e.g. `lr_ = [...]`"))
         elif not value:
             problems.append(Problem(where, "an empty axis makes no experiments", "list at least one value"))
+        elif len(ids := [_value_id(v) for v in value]) != len(set(ids)):
+            repeated = next(v for i, v in enumerate(value) if ids.index(ids[i]) != i)
+            problems.append(
+                Problem(
+                    where,
+                    f"the value `{show(repeated)}` is listed twice: two experiments would be the same",
+                    "list each value once; to repeat experiments over seeds, use `[sweep] seeds`",
+                )
+            )
         elif key[:-1] in node:
             problems.append(
                 Problem(
@@ -369,7 +398,7 @@ def _find_axes(node: Any, path: KeyPath, axes: list[KeyPath], problems: list[Pro
             axes.append(here)
         if isinstance(value, list):
             for i, item in enumerate(value):
-                _find_axes(item, (*here, i), [], problems, in_axis=True)
+                _find_axes(item, (*here, i), [], problems, in_axis=_IN_AXIS)
 
 
 def _get(data: Any, path: KeyPath) -> Any:
@@ -410,6 +439,14 @@ def parse_session(session: dict[str, Any], source: str = "") -> tuple[SweepConfi
     for key in config.params:
         if key in axis_names:
             problems.append(Problem(f"sweep.params.{key}", f"`{key}` is already a grid axis", "sweep it one way only"))
+            continue
+        param = parse_path(key) or ()
+        # the drawn value replaces the whole table, the grid's value in it too: the axis's experiments would all
+        # run the same recipe
+        inner = next((n for p, n in zip(axes, axis_names, strict=True) if p[: len(param)] == param), None)
+        if inner is not None:
+            hint = f"draw `{inner}` as a random parameter too, or make `{key}` a grid axis"
+            problems.append(Problem(f"sweep.params.{key}", f"`{key}` would replace the grid axis `{inner}`", hint))
     seeds: list[int] = [base.get("seed", 0)] if _is_int(base.get("seed", 0)) else [0]
     if config.seeds is not None:
         if "seed" in axis_names or "seed" in config.params:
@@ -428,6 +465,8 @@ def parse_session(session: dict[str, Any], source: str = "") -> tuple[SweepConfi
         for rng in [random.Random(f"{config.seed}/{key}")]
     }
     grid = list(itertools.product(*(_get(base, p) for p in axes)))
+    # a table drawn whole (`optim`) before the keys drawn into it (`optim.lr`), whatever the order they are written in
+    placing = sorted(config.params, key=lambda k: len(parse_path(k) or ()))
     sweep_seed = config.seeds is not None
     total = max(config.samples, 1) * len(grid) * len(seeds)
     width = max(2, len(str(total - 1)))
@@ -441,11 +480,11 @@ def parse_session(session: dict[str, Any], source: str = "") -> tuple[SweepConfi
                     _place_axis(recipe, path, value)
                     overrides[name] = copy.deepcopy(value)
                 for key in config.params:
-                    value = draws[key][sample]
-                    why = _set_path(recipe, parse_path(key) or (), copy.deepcopy(value))  # parse_sweep checked it
+                    overrides[key] = draws[key][sample]
+                for key in placing:
+                    why = _set_path(recipe, parse_path(key) or (), copy.deepcopy(draws[key][sample]))  # checked
                     if why:
                         problems.append(Problem(f"sweep.params.{key}", f"cannot set `{key}`: {why}"))
-                    overrides[key] = value
                 if sweep_seed:
                     recipe["seed"] = seed
                     overrides["seed"] = seed

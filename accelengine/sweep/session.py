@@ -100,33 +100,41 @@ def _ranking(config: SweepConfig, first: dict[str, Any], source: str) -> tuple[s
     return metric, mode
 
 
-def load_session(path: str | Path, overrides: list[str] | None = None, recipe_dir: str | Path | None = None) -> Session:
+def load_session(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    recipe_dir: str | Path | None = None,
+    default_name: str | None = None,
+) -> Session:
     """Read, override, expand and validate a session recipe. Raises RecipeError listing every problem.
 
-    `recipe_dir` is where components named by the recipe's own modules are found (default: the recipe's folder; a
-    session directory's copy of the recipe keeps the folder of the original)."""
+    `recipe_dir` is where components named by the recipe's own modules are found, and `default_name` the session's
+    name when the recipe gives none (defaults: the recipe's folder and file name; a session directory's copy of the
+    recipe keeps those of the original)."""
     path = Path(path)
     recipe_dir = Path(recipe_dir) if recipe_dir is not None else path.resolve().parent
+    default_name = default_name or name_from_file(path)
     data = load_toml(path)
     text = path.read_text(encoding="utf-8")
-    if "name" not in data and "name_" not in data:  # `name_ = [...]` sweeps the runs' names
-        data["name"] = name_from_file(path)
+    # after the overrides: `--set 'name_=[...]'` sweeps the names of a recipe that gives none, it does not clash
     apply_overrides(data, list(overrides or []))
+    if "name" not in data and "name_" not in data:  # `name_ = [...]` sweeps the runs' names
+        data["name"] = default_name
     config, experiments = parse_session(data, str(path))
     resolved = validate_experiments(experiments, str(path), recipe_dir)
     metric, mode = _ranking(config, experiments[0].recipe, str(path))
-    name = data["name"] if isinstance(data.get("name"), str) else name_from_file(path)
+    name = data["name"] if isinstance(data.get("name"), str) else default_name
     return Session(name, path, text, list(overrides or []), config, experiments, resolved, metric, mode, recipe_dir)
 
 
 def _target(
     path: str | Path, out: str | Path | None, overrides: list[str] | None
-) -> tuple[Path, Path | None, list, Path | None]:
-    """(recipe, output directory, overrides, recipe folder): a session directory stands for its own recipe, directory,
-    `--set` overrides and the folder its recipe came from (`accelengine sweep DIR`)."""
+) -> tuple[Path, Path | None, list, Path | None, str | None]:
+    """(recipe, output directory, overrides, recipe folder, session name): a session directory stands for its own
+    recipe, directory, `--set` overrides, the folder its recipe came from and its name (`accelengine sweep DIR`)."""
     path = Path(path)
     if not path.is_dir():
-        return path, Path(out) if out is not None else None, list(overrides or []), None
+        return path, Path(out) if out is not None else None, list(overrides or []), None, None
     stored = read_json(path / MANIFEST)
     if not (path / SESSION_FILE).is_file() or not isinstance(stored, dict):
         hint = f"give a session recipe, or a directory made by `accelengine sweep` (with {SESSION_FILE})"
@@ -134,7 +142,15 @@ def _target(
     given = Path(out) if out is not None else path
     overrides = list(overrides) if overrides else list(stored.get("overrides", []))
     recipe_dir = stored.get("recipe_dir")  # absent in sessions started before it was recorded: the directory itself
-    return path / SESSION_FILE, given, overrides, Path(recipe_dir) if isinstance(recipe_dir, str) else None
+    # a recipe without `name` is named after its file, which the copy is not: its runs must keep the original's name
+    name = stored.get("session")
+    return (
+        path / SESSION_FILE,
+        given,
+        overrides,
+        Path(recipe_dir) if isinstance(recipe_dir, str) else None,
+        name if isinstance(name, str) else None,
+    )
 
 
 def _experiment_list(experiments: list[Experiment]) -> list[dict[str, Any]]:
@@ -284,8 +300,8 @@ def run_session(
         raise RecipeError(Problem("", f"--parallel must be a positive number of experiments, got {parallel!r}"))
     if launcher not in LAUNCHERS:
         raise RecipeError(Problem("", f"unknown launcher `{launcher}`", "use `local` or `slurm`"))
-    path, out_dir, overrides, recipe_dir = _target(path, out, overrides)
-    session = load_session(path, overrides, recipe_dir)
+    path, out_dir, overrides, recipe_dir, name = _target(path, out, overrides)
+    session = load_session(path, overrides, recipe_dir, name)
     session_dir = out_dir if out_dir is not None else default_run_dir(session.name)
     stored = _check_existing(session_dir, session)
     slurm = None
@@ -346,8 +362,8 @@ def _text_table(head: list[str], rows: list[list[str]]) -> str:
 def plan(path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None) -> str:
     """The dry run: the experiments a session would run, as a table (with their status when `out` holds the
     session already). Validates every experiment; writes nothing."""
-    path, out_dir, overrides, recipe_dir = _target(path, out, overrides)
-    session = load_session(path, overrides, recipe_dir)
+    path, out_dir, overrides, recipe_dir, name = _target(path, out, overrides)
+    session = load_session(path, overrides, recipe_dir, name)
     rows = new_rows(session.experiments)
     existing = None
     if out_dir is not None:

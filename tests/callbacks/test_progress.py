@@ -74,3 +74,31 @@ def test_periodic_lines_in_a_log_file_come_at_logged_records_only(capsys):
     # training records at steps 2, 4, 6, 8, evaluations after each epoch (steps 4 and 8), then the final line
     assert steps == [2, 4, 4, 6, 8, 8, 8]
     assert "val/accuracy" not in lines[1] and "val/accuracy" in lines[2]  # the evaluation's own record shows it
+
+
+def test_epochs_over_a_data_set_without_a_length_show_no_total(capsys):
+    import torch
+    from torch.utils.data import IterableDataset
+
+    from accelengine import MLP, DataConfig, Engine, TrainerConfig
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(32):
+                yield torch.randn(8, generator=g), torch.randint(0, 3, (), generator=g)
+
+    engine = Engine(
+        model=MLP(8, 3, hidden=[16]),
+        data={"train": Stream()},
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        config=TrainerConfig(device="cpu", epochs=2, log_every=2),
+        data_config=DataConfig(batch_size=8),
+        log_config=LogConfig(progress_every_s=0, console=False, param_table=False, summary=False),
+    )
+    assert engine.fit()["status"] == "completed"  # the length of training is unknown: not a reason to fail
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 8 + 1
+    assert re.match(r"epoch 1/2 step 1 \d[\d.]* steps/s", lines[0])  # no total, percentage or ETA to show
+    assert re.match(r"epoch 2/2 step 8 .*loss [\d.]+ in \d:\d\d:\d\d$", lines[-1])

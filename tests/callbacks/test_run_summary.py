@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from accelengine import CheckpointConfig, LogConfig
 from accelengine.callbacks import EarlyStopping, RunSummary
 from accelengine.callbacks.progress import lower_is_better
@@ -51,3 +53,34 @@ def test_direction_from_the_name():
     assert lower_is_better("val/loss") and lower_is_better("val/word_error") and lower_is_better("test/ppl")
     assert lower_is_better("val/nll") and lower_is_better("val/token_nll")
     assert not lower_is_better("val/accuracy") and not lower_is_better("val/f1") and not lower_is_better("val/lossless")
+
+
+def test_the_speed_of_a_resumed_run_counts_the_steps_it_made(tmp_path):
+    from accelengine import Callback
+
+    class Crash(Callback):
+        def after_fit_step(self, engine):
+            if engine.state.step == 6:
+                raise RuntimeError("simulated crash")
+
+    class LongAgo(Callback):
+        def before_fit(self, engine):
+            engine.start_time -= 100.0  # as if this attempt had run 100 s: its speed is then about 4 / 100 steps/s
+
+    quiet = LogConfig(progress=False, console=False, param_table=False, summary=False, trackers=[])
+    checkpoints = CheckpointConfig(every_steps=4, at_end=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_engine(callbacks=[Crash()], out_dir=tmp_path, steps=8, checkpoint=checkpoints, log=quiet).fit()
+    resumed = tiny_engine(
+        callbacks=[LongAgo()],
+        out_dir=tmp_path,
+        steps=8,
+        checkpoint=checkpoints,
+        log=quiet,
+        resume_from=tmp_path / "checkpoints" / "step-00000004",
+    )
+    summary = resumed.fit()
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for s in (summary, on_disk):
+        assert s["steps"] == 8  # the run's position...
+        assert s["steps_per_s"] == pytest.approx(4 / s["wall_time_s"], rel=0.01)  # ...its speed: the 4 steps made

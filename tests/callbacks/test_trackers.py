@@ -46,27 +46,42 @@ def test_no_trackers_without_a_run_directory_or_when_switched_off(tmp_path):
 
 def test_state_dict_reopens_the_same_tensorboard_run(tmp_path):
     first = tiny_engine(out_dir=tmp_path / "a", steps=6, log_every=2, log=LogConfig(progress=False, project="p"))
-    first.fit()
+    first.fit()  # train/loss at 2, 4, 6, val/* at 6
     saved = next(cb for cb in first.callbacks if isinstance(cb, Trackers)).state_dict()
-    assert saved == {"project": "p", "runs": {"tensorboard": "trackers/p"}}
+    assert (saved["project"], saved["runs"]) == ("p", {"tensorboard": "trackers/p"})
+    before = scalars(tmp_path / "a" / "trackers" / "p")
 
-    # The run directory was moved (a copy resumed elsewhere): "resume" at step 4 there. Events go to the same
-    # place inside it, and what the first run logged after step 4 is purged so the curve is not doubled.
+    # The run directory was moved (a copy resumed elsewhere): "resume" at step 6 there. Events go to the same
+    # place inside it; step 6 is purged and what the first run logged there is logged again, once.
     (tmp_path / "a").rename(tmp_path / "b")
     second = tiny_engine(out_dir=tmp_path / "b", steps=8, log_every=2)  # project: from the saved state
     tracker = next(cb for cb in second.callbacks if isinstance(cb, Trackers))
     tracker.load_state_dict(saved)
     second.setup()
-    second.state.step = 4  # as a resume from a step-4 checkpoint leaves it
+    second.state.step = 6  # as a resume from the step-6 checkpoint leaves it
     tracker.before_fit(second)
-    second.log({"train/loss": 123.0})
-    second.state.step = 6
+    second.state.step = 8
     second.log({"train/loss": 456.0})
     tracker.after_fit(second)
-    assert tracker.state_dict() == saved
-    got = scalars(tmp_path / "b" / "trackers" / "p")["train/loss"]
-    assert [s for s, _ in got] == [2, 4, 4, 6]  # steps 2 and 4 from the first run, then the resumed ones
-    assert got[-1][1] == 456.0
+    assert (tracker.state_dict()["project"], tracker.state_dict()["runs"]) == (saved["project"], saved["runs"])
+    got = scalars(tmp_path / "b" / "trackers" / "p")
+    assert got["train/loss"] == [*before["train/loss"], (8, 456.0)]  # the first run's, then the resumed one
+    assert got["val/accuracy"] == before["val/accuracy"]
+
+
+def test_a_checkpoint_from_before_the_latest_records_were_kept_still_resumes(tmp_path):
+    first = tiny_engine(out_dir=tmp_path, steps=6, log_every=2)
+    first.fit()
+    before = scalars(tmp_path / "trackers" / "accelengine")
+    second = tiny_engine(out_dir=tmp_path, steps=8, log_every=2)
+    tracker = next(cb for cb in second.callbacks if isinstance(cb, Trackers))
+    tracker.load_state_dict({"project": "accelengine", "runs": {"tensorboard": "trackers/accelengine"}})
+    second.setup()
+    second.state.step = 6
+    tracker.before_fit(second)
+    tracker.after_fit(second)
+    # nothing to log step 6 again from: it is kept as the first run logged it
+    assert scalars(tmp_path / "trackers" / "accelengine") == before
 
 
 class Crash(Callback):
@@ -105,6 +120,26 @@ def test_a_resumed_run_continues_the_same_curves(tmp_path):
     # the crashed run logged train/loss at 2, 4, 6; the resume (from step 4) at 6, 8: step 6 appears once
     assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 8]
     assert [s for s, _ in got["val/accuracy"]] == [4, 8]
+
+
+def test_a_resume_from_the_last_step_of_an_epoch_logs_its_evaluation_once(tmp_path):
+    import json
+
+    # Saved at step 4, the last step of the first epoch, before that epoch's evaluation: the crashed run logged the
+    # evaluation (at step 4) after its checkpoint, and the resumed run evaluates that epoch's end again.
+    checkpoints = CheckpointConfig(every_steps=4, at_end=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tiny_engine(callbacks=[Crash()], out_dir=tmp_path, epochs=2, checkpoint=checkpoints).fit()
+    resume_from = tmp_path / "checkpoints" / "step-00000004"
+    tiny_engine(out_dir=tmp_path, epochs=2, checkpoint=checkpoints, resume_from=resume_from).fit()
+    got = scalars(tmp_path / "trackers" / "accelengine")
+    assert [s for s, _ in got["val/accuracy"]] == [4, 8]
+    assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 8]
+    # every record of metrics.jsonl, once, with the same values
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for tag, points in got.items():
+        expected = [(r["step"], r[tag]) for r in records if tag in r]
+        assert [(s, pytest.approx(v)) for s, v in points] == expected
 
 
 def test_a_fresh_start_over_a_run_that_died_before_its_first_checkpoint_replaces_its_curves(tmp_path):
