@@ -57,8 +57,10 @@ class TimeLimit(Callback):
         if self._distributed:
             import torch.distributed as dist
 
-            # a CPU group, so that agreeing never touches the accelerator's stream
-            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            # A CPU group of its own: agreeing never touches the accelerator's stream, nor the default group, where
+            # the preemption handler's votes run too (measured with two CPU processes on one gloo group: the
+            # processes aborted at exit in 4 of 74 runs, "terminate called without an active exception"; 0 of 65 so)
+            self._group = dist.new_group(backend="gloo")
         self._deadline = time.monotonic() + self.max_seconds
 
     def after_fit_step(self, engine: Engine) -> None:
