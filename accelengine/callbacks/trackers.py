@@ -59,7 +59,7 @@ def log_section_problems(log: LogSection) -> list[Problem]:
             problems.append(
                 Problem(f"log.tracker_kwargs.{name}", f"`{name}` is not one of `log.trackers`", "add it to the list")
             )
-    if log.progress_every_s < 0:
+    if not log.progress_every_s >= 0:  # nan too: it would silence the plain progress lines
         problems.append(Problem("log.progress_every_s", f"must be 0 or more, got {log.progress_every_s}"))
     return problems
 

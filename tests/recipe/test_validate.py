@@ -471,3 +471,9 @@ def test_keep_last_zero_keeps_every_checkpoint_and_a_negative_one_is_refused():
     assert recipe.checkpoint.keep_last == 0
     msg = one(BASE + "\n[checkpoint]\nkeep_last = -1\n")
     assert msg.startswith("checkpoint.keep_last|") and "must be 0 or more, got -1" in msg, msg
+
+
+@pytest.mark.parametrize("value", ["-1.0", "nan"])
+def test_a_negative_or_nan_progress_interval_is_refused(value):
+    msg = one(BASE + f"\n[log]\nprogress_every_s = {value}\n")
+    assert msg.startswith("log.progress_every_s|") and "must be 0 or more" in msg, msg
