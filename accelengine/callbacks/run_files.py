@@ -29,9 +29,7 @@ class RunFiles(Callback):
 
     def before_fit(self, engine) -> None:
         out = engine.out_dir
-        main = engine.is_main_process
-        if out is not None and main:
-            Path(out).mkdir(parents=True, exist_ok=True)
+        main = engine.is_main_process  # the run directory exists: `Engine.fit` made it as it opened `log.txt`
         if main and not engine.config.deterministic:
             logger.warning(
                 "not deterministic: reruns may differ slightly; set `trainer.deterministic = true` "
